@@ -1,0 +1,647 @@
+"""A small reverse-mode automatic differentiation engine over arrays.
+
+Read this file top to bottom: it is the whole engine.
+
+* A ``Tensor`` wraps an array (NumPy on the CPU, CuPy on a CUDA GPU) in ``.data``.
+* Every operation computes its output array *and* a ``backward`` closure that, given
+  the gradient of the final scalar with respect to the output, ``g = dL/d(out)``,
+  returns the gradient with respect to each input (the chain rule, one op at a time):
+
+      dL/d(input) = g * d(out)/d(input)          (elementwise ops)
+
+  The forward and the backward of each op sit next to each other.
+* ``loss.backward()`` sorts the recorded graph topologically (without recursion, so a
+  chain of thousands of ops is fine) and runs the closures once each, from the loss
+  back to the leaves, adding up the contributions of every path (fan-out).
+* Broadcasting: when ``a`` of shape (3, 1) meets ``b`` of shape (4,), the output has
+  shape (3, 4), and the gradient for ``a`` is summed back to (3, 1) by ``sum_to``.
+
+Gradients are plain arrays (``t.grad``), accumulated on leaf tensors that were made
+with ``requires_grad=True``; treat them as read-only (several may share memory).
+Nothing is recorded inside ``with no_grad():``.
+
+New ops are written with ``record(out_array, parents, backward)``: see any op below.
+"""
+import contextlib
+
+import numpy as np
+
+try:  # CuPy is optional: importing it works without a driver, so also ask for a device.
+    import cupy
+    _CUDA_AVAILABLE = bool(cupy.cuda.is_available())
+except Exception:  # not installed, or a broken CUDA install: use NumPy only
+    cupy = None
+    _CUDA_AVAILABLE = False
+
+DEFAULT_DTYPE = np.float32
+
+
+# ----------------------------------------------------------------------------------
+# Backend: numpy or cupy, picked from the data
+# ----------------------------------------------------------------------------------
+def cuda_available():
+    """True when CuPy is installed and a CUDA device can be used."""
+    return _CUDA_AVAILABLE
+
+
+def get_array_module(x):
+    """The array module (numpy or cupy) that owns ``x`` (an array or a Tensor)."""
+    if isinstance(x, Tensor):
+        x = x.data
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        return cupy
+    return np
+
+
+def check_device(device):
+    """Validate a device name ('cpu' or 'cuda') and return it."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
+    if device == "cuda" and not _CUDA_AVAILABLE:
+        raise RuntimeError("device 'cuda' was asked for, but CuPy with a working CUDA "
+                           "device is not available here (pip install cupy-cuda12x, "
+                           "and check `nvidia-smi`); use device='cpu'")
+    return device
+
+
+def to_device(x, device):
+    """Move an array to 'cpu' (NumPy) or 'cuda' (CuPy); a no-op when already there."""
+    check_device(device)
+    if device == "cpu":
+        return to_numpy(x)
+    return cupy.asarray(x)
+
+
+def to_numpy(x):
+    """A NumPy array with the values of ``x`` (array, Tensor, or number)."""
+    if isinstance(x, Tensor):
+        x = x.data
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        return cupy.asnumpy(x)
+    return np.asarray(x)
+
+
+# ----------------------------------------------------------------------------------
+# Recording switch
+# ----------------------------------------------------------------------------------
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Inside this block ops record no graph (evaluation, sampling, optimiser steps)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+# ----------------------------------------------------------------------------------
+# The Tensor
+# ----------------------------------------------------------------------------------
+class Tensor:
+    """An array plus what is needed to differentiate through it.
+
+    data:          the array (numpy.ndarray or cupy.ndarray)
+    grad:          dL/d(data) after ``backward()`` (leaf tensors only), else None
+    requires_grad: whether gradients flow to this tensor
+    """
+    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "name")
+    __array_ufunc__ = None  # make `ndarray * Tensor` call Tensor.__rmul__
+
+    def __init__(self, data, requires_grad=False, name=None):
+        self.data = data
+        self.grad = None
+        self.requires_grad = requires_grad
+        self._parents = ()
+        self._backward = None  # None for leaves
+        self.name = name
+
+    # array-like attributes
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        extra = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({self.data!r}{extra})"
+
+    def item(self):
+        return float(self.data)
+
+    def numpy(self):
+        return to_numpy(self.data)
+
+    def detach(self):
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    def backward(self, grad=None):
+        """Accumulate dL/d(leaf) into ``leaf.grad`` for every leaf this tensor depends on.
+
+        ``grad`` is dL/d(self); it may be left out only when self holds one number.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad: "
+                               "no input was made with requires_grad=True, or it was "
+                               "computed inside no_grad()")
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(
+                    f"backward() without a seed gradient needs a scalar, but this tensor "
+                    f"has shape {self.shape}: reduce it first (e.g. loss.sum() or "
+                    f"loss.mean()) or pass backward(grad) with an array of that shape")
+            grad = get_array_module(self.data).ones_like(self.data)
+        elif getattr(grad, "shape", None) != self.shape:
+            raise ValueError(f"backward(grad): grad has shape {getattr(grad, 'shape', None)}"
+                             f", expected {self.shape}")
+
+        grads = {id(self): grad}
+        for node in reversed(_topological_order(self)):
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            if node._backward is None:  # a leaf: keep the gradient
+                node.grad = g if node.grad is None else node.grad + g
+                continue
+            for parent, pg in zip(node._parents, node._backward(g)):
+                if pg is None or not parent.requires_grad:
+                    continue
+                key = id(parent)
+                # `+` and not `+=`: the first gradient may be a view shared with another op
+                grads[key] = pg if key not in grads else grads[key] + pg
+
+    # Python operators
+    def __add__(self, other): return add(self, other)
+    def __radd__(self, other): return add(other, self)
+    def __sub__(self, other): return sub(self, other)
+    def __rsub__(self, other): return sub(other, self)
+    def __mul__(self, other): return mul(self, other)
+    def __rmul__(self, other): return mul(other, self)
+    def __truediv__(self, other): return div(self, other)
+    def __rtruediv__(self, other): return div(other, self)
+    def __neg__(self): return neg(self)
+    def __pow__(self, exponent): return power(self, exponent)
+    def __matmul__(self, other): return matmul(self, other)
+    def __rmatmul__(self, other): return matmul(other, self)
+    def __getitem__(self, index): return getitem(self, index)
+
+    # methods for the common reductions and shape ops
+    def sum(self, axis=None, keepdims=False): return sum(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return mean(self, axis, keepdims)
+    def reshape(self, *shape): return reshape(self, shape[0] if len(shape) == 1 else shape)
+    def transpose(self, *axes): return transpose(self, axes or None)
+    T = property(lambda self: transpose(self))
+    def exp(self): return exp(self)
+    def log(self): return log(self)
+
+
+def _topological_order(root):
+    """Nodes reachable from root, each after all of its parents (iterative DFS)."""
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        node, parents_done = stack.pop()
+        if parents_done:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        for parent in node._parents:
+            if parent.requires_grad and id(parent) not in visited:
+                stack.append((parent, False))
+    return order
+
+
+def tensor(data, requires_grad=False, dtype=None):
+    """Make a Tensor from an array, list or number (float32 unless dtype says otherwise)."""
+    if isinstance(data, Tensor):
+        data = data.data
+    xp = get_array_module(data)
+    if dtype is None:
+        dtype = data.dtype if hasattr(data, "dtype") and data.dtype.kind == "f" else DEFAULT_DTYPE
+    return Tensor(xp.asarray(data, dtype=dtype), requires_grad=requires_grad)
+
+
+def as_tensor(x, like=None):
+    """Tensors pass through; numbers become constants with the dtype of ``like``."""
+    if isinstance(x, Tensor):
+        return x
+    if like is not None and not hasattr(x, "shape"):  # a Python number
+        return Tensor(get_array_module(like.data).asarray(x, dtype=like.dtype))
+    return tensor(x)
+
+
+def record(data, parents, backward):
+    """Wrap an op's output array; remember how to differentiate it if needed.
+
+    backward(g) must return one gradient (array or None) per parent, each of the
+    parent's shape. Nothing is kept when recording is off or no parent needs a grad.
+    """
+    out = Tensor(data)
+    if _grad_enabled:
+        for p in parents:
+            if p.requires_grad:
+                out.requires_grad = True
+                out._parents = parents
+                out._backward = backward
+                break
+    return out
+
+
+class _Slots(list):
+    """The gradients of the outputs of a multi-output op, one slot each (None: none yet)."""
+
+    def __add__(self, other):
+        return _Slots(a if b is None else b if a is None else a + b for a, b in zip(self, other))
+
+
+def record_multi(datas, parents, backward):
+    """Like ``record`` for an op with several outputs that share one backward pass.
+
+    backward(grads) gets one gradient per output (None where an output got none) and
+    returns one gradient per parent. A hidden joint node collects the outputs' grads.
+    """
+    outs = [Tensor(d) for d in datas]
+    if not (_grad_enabled and any(p.requires_grad for p in parents)):
+        return outs
+    joint = Tensor(None, requires_grad=True)
+    joint._parents, joint._backward = parents, backward
+    n = len(outs)
+    for i, out in enumerate(outs):
+        out.requires_grad, out._parents = True, (joint,)
+        out._backward = lambda g, i=i: (_Slots(g if j == i else None for j in range(n)),)
+    return outs
+
+
+def sum_to(g, shape):
+    """Sum a broadcast gradient back down to ``shape`` (undoes NumPy broadcasting)."""
+    if g.shape == shape:
+        return g
+    lead = g.ndim - len(shape)  # dimensions that broadcasting added in front
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
+    return g.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+def _pair(op, a, b):
+    """Both operands as Tensors; a number takes the other operand's dtype."""
+    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
+        raise TypeError(f"{op}: at least one operand must be a Tensor")
+    a = as_tensor(a, like=b if isinstance(b, Tensor) else None)
+    b = as_tensor(b, like=a)
+    return a, b
+
+
+def _broadcast_error(op, a, b):
+    return ValueError(f"{op}: shapes {a.shape} and {b.shape} cannot be broadcast together")
+
+
+# ----------------------------------------------------------------------------------
+# Elementwise binary ops (with broadcasting)
+# ----------------------------------------------------------------------------------
+def add(a, b):
+    """a + b;  d/da = 1, d/db = 1."""
+    a, b = _pair("add", a, b)
+    try:
+        out = a.data + b.data
+    except ValueError:
+        raise _broadcast_error("add", a, b) from None
+
+    def backward(g):
+        return (sum_to(g, a.shape) if a.requires_grad else None,
+                sum_to(g, b.shape) if b.requires_grad else None)
+    return record(out, (a, b), backward)
+
+
+def sub(a, b):
+    """a - b;  d/da = 1, d/db = -1."""
+    a, b = _pair("sub", a, b)
+    try:
+        out = a.data - b.data
+    except ValueError:
+        raise _broadcast_error("sub", a, b) from None
+
+    def backward(g):
+        return (sum_to(g, a.shape) if a.requires_grad else None,
+                sum_to(-g, b.shape) if b.requires_grad else None)
+    return record(out, (a, b), backward)
+
+
+def mul(a, b):
+    """a * b;  d/da = b, d/db = a."""
+    a, b = _pair("mul", a, b)
+    try:
+        out = a.data * b.data
+    except ValueError:
+        raise _broadcast_error("mul", a, b) from None
+
+    def backward(g):
+        return (sum_to(g * b.data, a.shape) if a.requires_grad else None,
+                sum_to(g * a.data, b.shape) if b.requires_grad else None)
+    return record(out, (a, b), backward)
+
+
+def div(a, b):
+    """a / b;  d/da = 1/b, d/db = -a/b^2 = -out/b."""
+    a, b = _pair("div", a, b)
+    try:
+        out = a.data / b.data
+    except ValueError:
+        raise _broadcast_error("div", a, b) from None
+
+    def backward(g):
+        g_over_b = g / b.data
+        return (sum_to(g_over_b, a.shape) if a.requires_grad else None,
+                sum_to(-g_over_b * out, b.shape) if b.requires_grad else None)
+    return record(out, (a, b), backward)
+
+
+def matmul(a, b):
+    """a @ b for 2-D (or batched, leading dims broadcast) operands.
+
+    d/da = g @ b^T,  d/db = a^T @ g   (transposes of the last two axes)
+    """
+    a, b = _pair("matmul", a, b)
+    if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not fit: both need "
+                         f"at least 2 dimensions and a.shape[-1] must equal b.shape[-2]")
+    try:
+        out = a.data @ b.data
+    except ValueError:
+        raise _broadcast_error("matmul", a, b) from None
+
+    def backward(g):
+        ga = gb = None
+        if a.requires_grad:
+            ga = sum_to(g @ b.data.swapaxes(-1, -2), a.shape)
+        if b.requires_grad:
+            if b.ndim == 2:  # the weight of a dense layer: fold batch dims into rows
+                gb = a.data.reshape(-1, a.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+            else:
+                gb = sum_to(a.data.swapaxes(-1, -2) @ g, b.shape)
+        return ga, gb
+    return record(out, (a, b), backward)
+
+
+def neg(x):
+    """-x."""
+    return record(-x.data, (x,), lambda g: (-g,))
+
+
+def power(x, exponent):
+    """x ** p for a constant number p;  d/dx = p * x^(p-1)."""
+    if isinstance(exponent, Tensor) or not np.isscalar(exponent):
+        raise TypeError("power: the exponent must be a number (Tensor ** Tensor is not supported)")
+    out = x.data ** exponent
+    return record(out, (x,), lambda g: (g * exponent * x.data ** (exponent - 1),))
+
+
+# ----------------------------------------------------------------------------------
+# Elementwise unary ops
+# ----------------------------------------------------------------------------------
+def exp(x):
+    """e^x;  d/dx = e^x (the output itself)."""
+    out = get_array_module(x.data).exp(x.data)
+    return record(out, (x,), lambda g: (g * out,))
+
+
+def log(x):
+    """natural log;  d/dx = 1/x."""
+    out = get_array_module(x.data).log(x.data)
+    return record(out, (x,), lambda g: (g / x.data,))
+
+
+def log1p(x):
+    """log(1 + x), accurate for small x;  d/dx = 1/(1 + x)."""
+    out = get_array_module(x.data).log1p(x.data)
+    return record(out, (x,), lambda g: (g / (1 + x.data),))
+
+
+def sqrt(x):
+    """sqrt(x);  d/dx = 1/(2 sqrt(x))."""
+    out = get_array_module(x.data).sqrt(x.data)
+    return record(out, (x,), lambda g: (g * 0.5 / out,))
+
+
+def square(x):
+    """x^2;  d/dx = 2x."""
+    out = x.data * x.data
+    return record(out, (x,), lambda g: (g * 2 * x.data,))
+
+
+def sigmoid_array(x):
+    """1 / (1 + e^-x) on a raw array, without overflow: 0.5 * (1 + tanh(x/2))."""
+    xp = get_array_module(x)
+    out = xp.tanh(x * 0.5)
+    out += 1
+    out *= 0.5
+    return out
+
+
+def softplus_array(x):
+    """log(1 + e^x) on a raw array, stable for large |x|: max(x, 0) + log1p(e^-|x|)."""
+    xp = get_array_module(x)
+    out = xp.exp(-xp.abs(x))
+    xp.log1p(out, out=out)
+    out += xp.maximum(x, 0)
+    return out
+
+
+def sigmoid(x):
+    """sigma(x) = 1/(1 + e^-x);  d/dx = sigma(x) (1 - sigma(x))."""
+    out = sigmoid_array(x.data)
+    return record(out, (x,), lambda g: (g * out * (1 - out),))
+
+
+def softplus(x):
+    """log(1 + e^x), stable for large |x|;  d/dx = sigma(x)."""
+    out = softplus_array(x.data)
+    return record(out, (x,), lambda g: (g * sigmoid_array(x.data),))
+
+
+def leaky_relu(x, slope=0.01):
+    """x if x > 0 else slope * x;  d/dx = 1 or slope (slope 0.01 as Lasagne's leaky_rectify)."""
+    xp = get_array_module(x.data)
+    positive = x.data > 0
+    out = xp.where(positive, x.data, x.data * slope)
+    return record(out, (x,), lambda g: (xp.where(positive, g, g * slope),))
+
+
+# ----------------------------------------------------------------------------------
+# Reductions
+# ----------------------------------------------------------------------------------
+def _expand_reduced(g, shape, axis, keepdims):
+    """Broadcast the gradient of a reduction back over the reduced axes."""
+    if axis is not None and not keepdims:
+        axes = (axis,) if np.isscalar(axis) else axis
+        g = get_array_module(g).expand_dims(g, tuple(a % len(shape) for a in axes))
+    return get_array_module(g).broadcast_to(g, shape)
+
+
+def sum(x, axis=None, keepdims=False):  # noqa: A001 (shadows builtins.sum on purpose, like np.sum)
+    """Sum over axis (all axes if None);  d/dx = 1 for every summed element."""
+    out = x.data.sum(axis=axis, keepdims=keepdims)
+    return record(out, (x,), lambda g: (_expand_reduced(g, x.shape, axis, keepdims),))
+
+
+def mean(x, axis=None, keepdims=False):
+    """Mean over axis;  d/dx = 1/n for each of the n averaged elements."""
+    out = x.data.mean(axis=axis, keepdims=keepdims)
+    n = x.data.size // max(out.size, 1)
+    return record(out, (x,), lambda g: (_expand_reduced(g / n, x.shape, axis, keepdims),))
+
+
+def logsumexp(x, axis=None, keepdims=False):
+    """log sum_i e^{x_i}, computed as m + log sum_i e^{x_i - m} with m = max x (no overflow).
+
+    d/dx_i = e^{x_i - out} (the softmax).
+    """
+    xp = get_array_module(x.data)
+    m = x.data.max(axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)  # a row of -inf: avoid inf - inf = nan
+    out_kept = xp.log(xp.exp(x.data - m).sum(axis=axis, keepdims=True)) + m
+    out = out_kept if keepdims else out_kept.reshape(_reduced_shape(x.shape, axis))
+
+    def backward(g):
+        return (g.reshape(out_kept.shape) * xp.exp(x.data - out_kept),)
+    return record(out, (x,), backward)
+
+
+def _reduced_shape(shape, axis):
+    if axis is None:
+        return ()
+    axes = {a % len(shape) for a in ((axis,) if np.isscalar(axis) else axis)}
+    return tuple(n for i, n in enumerate(shape) if i not in axes)
+
+
+# ----------------------------------------------------------------------------------
+# Shape ops
+# ----------------------------------------------------------------------------------
+def reshape(x, shape):
+    """Same values, new shape;  the gradient is reshaped back."""
+    try:
+        out = x.data.reshape(shape)
+    except ValueError:
+        raise ValueError(f"reshape: cannot reshape {x.shape} into {shape}") from None
+    return record(out, (x,), lambda g: (g.reshape(x.shape),))
+
+
+def transpose(x, axes=None):
+    """Permute axes (reverse them if None);  the gradient is permuted back."""
+    out = x.data.transpose(axes)
+    inverse = None if axes is None else tuple(np.argsort(axes))
+    return record(out, (x,), lambda g: (g.transpose(inverse),))
+
+
+def getitem(x, index):
+    """x[index] (slices, integers, integer arrays);  the gradient is scattered back."""
+    if isinstance(index, Tensor):
+        index = index.data
+    out = x.data[index]
+
+    def backward(g):
+        xp = get_array_module(g)
+        full = xp.zeros(x.shape, dtype=g.dtype)
+        xp.add.at(full, index, g) if xp is np else full.scatter_add(index, g)
+        return (full,)
+    return record(out, (x,), backward)
+
+
+def concatenate(tensors, axis=0):
+    """Join tensors along an axis;  each gets its slice of the gradient back."""
+    tensors = tuple(as_tensor(t) for t in tensors)
+    xp = get_array_module(tensors[0].data)
+    try:
+        out = xp.concatenate([t.data for t in tensors], axis=axis)
+    except ValueError:
+        shapes = ", ".join(str(t.shape) for t in tensors)
+        raise ValueError(f"concatenate: shapes {shapes} do not match along axis {axis}") from None
+    bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
+    return record(out, tensors, lambda g: tuple(xp.split(g, bounds, axis=axis)))
+
+
+# ----------------------------------------------------------------------------------
+# Likelihoods
+# ----------------------------------------------------------------------------------
+def bernoulli_log_prob(logits, x):
+    """log Bernoulli(x | sigma(logits)) elementwise, = x * logits - softplus(logits).
+
+    Stable for any logit. d/dlogits = x - sigma(logits); d/dx = logits.
+    """
+    logits, x = _pair("bernoulli_log_prob", logits, x)
+    if logits.shape != x.shape:
+        raise ValueError(f"bernoulli_log_prob: logits {logits.shape} and targets "
+                         f"{x.shape} must have the same shape")
+    out = x.data * logits.data - softplus_array(logits.data)
+
+    def backward(g):
+        return (g * (x.data - sigmoid_array(logits.data)) if logits.requires_grad else None,
+                g * logits.data if x.requires_grad else None)
+    return record(out, (logits, x), backward)
+
+
+# ----------------------------------------------------------------------------------
+# Gradient checking (used by the tests and the exercises)
+# ----------------------------------------------------------------------------------
+def numerical_gradient(f, arrays, index, eps=1e-6):
+    """Central finite differences of the scalar f(*arrays) w.r.t. arrays[index].
+
+    df/dx_j ~ (f(x + eps e_j) - f(x - eps e_j)) / (2 eps); use float64 arrays.
+    """
+    x = arrays[index]
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for j in range(flat.size):
+        saved = flat[j]
+        flat[j] = saved + eps
+        plus = float(f(*arrays))
+        flat[j] = saved - eps
+        minus = float(f(*arrays))
+        flat[j] = saved
+        gflat[j] = (plus - minus) / (2 * eps)
+    return grad
+
+
+def check_gradients(fn, *arrays, eps=1e-6, rtol=1e-5, atol=1e-7):
+    """Compare backward() of sum(fn(*tensors) * w) with finite differences.
+
+    ``fn`` maps Tensors to a Tensor; a fixed random weighting ``w`` makes every output
+    element matter. Raises AssertionError naming the input and the worst entry; returns
+    the list of (analytic, numerical) gradient pairs when all agree.
+    """
+    arrays = [np.array(a, dtype=np.float64) for a in arrays]
+    probe = fn(*[Tensor(a) for a in arrays])
+    weights = np.random.default_rng(0).standard_normal(probe.shape)
+
+    def scalar(*arrs):
+        with no_grad():
+            return float((fn(*[Tensor(a) for a in arrs]).data * weights).sum())
+
+    leaves = [Tensor(a.copy(), requires_grad=True) for a in arrays]
+    out = fn(*leaves)
+    out.backward(weights.astype(out.dtype).reshape(out.shape))
+    pairs = []
+    for i, leaf in enumerate(leaves):
+        numeric = numerical_gradient(scalar, arrays, i, eps)
+        analytic = np.zeros_like(numeric) if leaf.grad is None else to_numpy(leaf.grad)
+        if not np.allclose(analytic, numeric, rtol=rtol, atol=atol):
+            worst = np.unravel_index(np.argmax(np.abs(analytic - numeric)), numeric.shape)
+            raise AssertionError(
+                f"gradient of input {i} is wrong: at index {tuple(int(w) for w in worst)} "
+                f"backward() gives {analytic[worst]:.6g}, finite differences give "
+                f"{numeric[worst]:.6g}")
+        pairs.append((analytic, numeric))
+    return pairs

