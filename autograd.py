@@ -200,7 +200,9 @@ class Tensor:
     def sum(self, axis=None, keepdims=False): return sum(self, axis, keepdims)
     def mean(self, axis=None, keepdims=False): return mean(self, axis, keepdims)
     def reshape(self, *shape): return reshape(self, shape[0] if len(shape) == 1 else shape)
-    def transpose(self, *axes): return transpose(self, axes or None)
+    def transpose(self, *axes):  # t.transpose(1, 0) or t.transpose((1, 0)), as in NumPy
+        return transpose(self, axes[0] if len(axes) == 1 and not np.isscalar(axes[0])
+                         else axes or None)
     T = property(lambda self: transpose(self))
     def exp(self): return exp(self)
     def log(self): return log(self)
@@ -541,6 +543,8 @@ def reshape(x, shape):
 
 def transpose(x, axes=None):
     """Permute axes (reverse them if None);  the gradient is permuted back."""
+    if axes is not None:
+        axes = tuple(a % x.ndim for a in axes)  # (-1, 0, 1) -> (2, 0, 1): argsort needs these
     out = x.data.transpose(axes)
     inverse = None if axes is None else tuple(np.argsort(axes))
     return record(out, (x,), lambda g: (g.transpose(inverse),))
@@ -603,15 +607,14 @@ def numerical_gradient(f, arrays, index, eps=1e-6):
     """
     x = arrays[index]
     grad = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for j in range(flat.size):
-        saved = flat[j]
-        flat[j] = saved + eps
+    for j in np.ndindex(x.shape):  # index x itself: reshape(-1) would copy a strided x
+        saved = x[j]
+        x[j] = saved + eps
         plus = float(f(*arrays))
-        flat[j] = saved - eps
+        x[j] = saved - eps
         minus = float(f(*arrays))
-        flat[j] = saved
-        gflat[j] = (plus - minus) / (2 * eps)
+        x[j] = saved
+        grad[j] = (plus - minus) / (2 * eps)
     return grad
 
 

@@ -1,8 +1,32 @@
-"""Fused CuPy kernels for the Gaussian ops of gaussian.py (placeholder: filled in by the GPU work).
+"""Fused CuPy kernels for the Gaussian ops of gaussian.py (merge, KL, log-density).
 
-``active(array)`` says whether the fused path is taken for an array: only CuPy arrays,
-and only while fusion is enabled (``set_fusion(False)`` compares with the plain path).
+Per element, with s = 1 / (var_hat + var_p) and the same forms as gaussian.py:
+
+    merge        mu_q  = (mu_hat var_p + mu_p var_hat) s,    var_q = var_hat var_p s
+    gaussian_kl  kl    = 0.5 (log var_p - log var_q + (var_q + (mu_q - mu_p)^2) / var_p - 1)
+    log_normal   logp  = -0.5 (log 2pi + log var + (z - mu)^2 / var)
+
+and the backward of each (the derivatives are written out in gaussian.py's docstrings).
+
+Why fuse: these ops do a few flops per element, so on a GPU their time is memory
+traffic. The plain CuPy code of merge_backward launches ~10 kernels, each reading its
+operands from GPU memory and writing a temporary array; the fused kernel reads every
+input once, keeps the intermediates (s, s^2, the mean difference) in registers and
+writes each gradient once.
+
+Each kernel body is a module-level string of plain C: arithmetic, log and `(T)` casts,
+where T is CuPy's type placeholder (float or double, taken from the arrays), so one body
+serves float32 and float64 and float literals are cast to T (no silent double maths in
+float32). tests/test_kernels.py compiles the same strings with the C compiler and
+compares them with gaussian.py's NumPy reference, so they are checked without a GPU.
+
+Use ``active(array)`` to ask whether the fused path is taken (CuPy arrays while fusion
+is on); ``set_fusion(False)`` runs the plain CuPy reference instead, for comparisons.
 """
+import math
+
+import numpy
+
 from autograd import cupy
 
 _fusion_enabled = True
@@ -15,4 +39,126 @@ def set_fusion(enabled):
 
 
 def active(array):
-    return _fusion_enabled and cupy is not None and isinstance(array, cupy.ndarray) and False
+    """True when ``array`` is a CuPy array and fusion is on: then the kernels below run."""
+    return _fusion_enabled and cupy is not None and isinstance(array, cupy.ndarray)
+
+
+# ----------------------------------------------------------------------------------
+# Kernel bodies: plain C, one element per call; inputs are read-only, outputs assigned
+# ----------------------------------------------------------------------------------
+MERGE_FWD_BODY = """
+const T s = (T)1 / (var_hat + var_p);
+mu_q = (mu_hat * var_p + mu_p * var_hat) * s;
+var_q = var_hat * var_p * s;
+"""
+
+MERGE_BWD_BODY = """
+const T s = (T)1 / (var_hat + var_p);
+const T s2 = s * s;
+const T diff = mu_p - mu_hat;
+g_mu_hat = g_mu * var_p * s;
+g_var_hat = var_p * s2 * (g_mu * diff + g_var * var_p);
+g_mu_p = g_mu * var_hat * s;
+g_var_p = var_hat * s2 * (g_var * var_hat - g_mu * diff);
+"""
+
+KL_FWD_BODY = """
+const T diff = mu_q - mu_p;
+kl = (T)0.5 * (log(var_p) - log(var_q) + (var_q + diff * diff) / var_p - (T)1);
+"""
+
+KL_BWD_BODY = """
+const T diff = mu_q - mu_p;
+const T inv_p = (T)1 / var_p;
+g_mu_q = g * diff * inv_p;
+g_var_q = (T)0.5 * g * (inv_p - (T)1 / var_q);
+g_mu_p = -g_mu_q;
+g_var_p = (T)0.5 * g * inv_p * ((T)1 - (var_q + diff * diff) * inv_p);
+"""
+
+LOG_NORMAL_FWD_BODY = f"""
+const T diff = z - mu;
+logp = -(T)0.5 * ((T){math.log(2 * math.pi)!r} + log(var) + diff * diff / var);
+"""
+
+LOG_NORMAL_BWD_BODY = """
+const T diff = z - mu;
+const T inv = (T)1 / var;
+g_z = -g * diff * inv;
+g_mu = -g_z;
+g_var = (T)0.5 * g * inv * (diff * diff * inv - (T)1);
+"""
+
+# name: (input parameters, output parameters, body), in CuPy's ElementwiseKernel syntax
+KERNELS = {
+    "lvae_merge_fwd": ("T mu_hat, T var_hat, T mu_p, T var_p", "T mu_q, T var_q",
+                       MERGE_FWD_BODY),
+    "lvae_merge_bwd": ("T g_mu, T g_var, T mu_hat, T var_hat, T mu_p, T var_p",
+                       "T g_mu_hat, T g_var_hat, T g_mu_p, T g_var_p", MERGE_BWD_BODY),
+    "lvae_kl_fwd": ("T mu_q, T var_q, T mu_p, T var_p", "T kl", KL_FWD_BODY),
+    "lvae_kl_bwd": ("T g, T mu_q, T var_q, T mu_p, T var_p",
+                    "T g_mu_q, T g_var_q, T g_mu_p, T g_var_p", KL_BWD_BODY),
+    "lvae_log_normal_fwd": ("T z, T mu, T var", "T logp", LOG_NORMAL_FWD_BODY),
+    "lvae_log_normal_bwd": ("T g, T z, T mu, T var", "T g_z, T g_mu, T g_var",
+                            LOG_NORMAL_BWD_BODY),
+}
+
+_built = {}  # name -> cupy.ElementwiseKernel, made on first use
+
+
+def _kernel(name):
+    """The ElementwiseKernel called ``name``, built once (CuPy compiles it per dtype)."""
+    kernel = _built.get(name)
+    if kernel is None:
+        in_params, out_params, body = KERNELS[name]
+        kernel = _built[name] = cupy.ElementwiseKernel(in_params, out_params, body, name)
+    return kernel
+
+
+def _call(name, *args):
+    """Run a kernel on arrays that broadcast together; numbers take the arrays' dtype.
+
+    Every parameter has type T, so all arrays must share one dtype: mixed inputs are
+    promoted first as NumPy would (float32 with float64 gives float64). The outputs have
+    the broadcast shape of all inputs.
+    """
+    dtype = numpy.result_type(*[a.dtype for a in args if isinstance(a, cupy.ndarray)])
+    if dtype.kind != "f":
+        dtype = numpy.dtype(numpy.float64)
+    args = [a.astype(dtype, copy=False) if isinstance(a, cupy.ndarray) else a for a in args]
+    return _kernel(name)(*args)
+
+
+# ----------------------------------------------------------------------------------
+# The same functions and signatures as the references in gaussian.py
+# ----------------------------------------------------------------------------------
+def merge_forward(mu_hat, var_hat, mu_p, var_p):
+    """(mu_q, var_q) of the precision-weighted merge, one kernel."""
+    return _call("lvae_merge_fwd", mu_hat, var_hat, mu_p, var_p)
+
+
+def merge_backward(g_mu, g_var, mu_hat, var_hat, mu_p, var_p):
+    """Gradients for (mu_hat, var_hat, mu_p, var_p); g_mu or g_var may be None (zero)."""
+    g_mu = 0.0 if g_mu is None else g_mu
+    g_var = 0.0 if g_var is None else g_var
+    return _call("lvae_merge_bwd", g_mu, g_var, mu_hat, var_hat, mu_p, var_p)
+
+
+def kl_forward(mu_q, var_q, mu_p, var_p):
+    """KL(N(mu_q, var_q) || N(mu_p, var_p)) per element, one kernel."""
+    return _call("lvae_kl_fwd", mu_q, var_q, mu_p, var_p)
+
+
+def kl_backward(g, mu_q, var_q, mu_p, var_p):
+    """Gradients of the KL for (mu_q, var_q, mu_p, var_p), one kernel."""
+    return _call("lvae_kl_bwd", g, mu_q, var_q, mu_p, var_p)
+
+
+def log_normal_forward(z, mu, var):
+    """log N(z; mu, var) per element, one kernel."""
+    return _call("lvae_log_normal_fwd", z, mu, var)
+
+
+def log_normal_backward(g, z, mu, var):
+    """Gradients of log N(z; mu, var) for (z, mu, var), one kernel."""
+    return _call("lvae_log_normal_bwd", g, z, mu, var)

@@ -73,6 +73,13 @@ class Module:
             t.grad = None
         return self
 
+    def astype(self, dtype):
+        """Convert every parameter and buffer to ``dtype`` (float64 for gradient checks)."""
+        for _, t in self.named_tensors():
+            t.data = t.data.astype(dtype)
+            t.grad = None
+        return self
+
     def state_dict(self):
         """{name: NumPy array copy} of every parameter and buffer."""
         return {name: to_numpy(t.data).copy() for name, t in self.named_tensors()}

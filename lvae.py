@@ -1,0 +1,385 @@
+"""The Ladder VAE (Sønderby et al., 2016) and the bottom-up hierarchical VAE it improves on.
+
+Generative model (shared by both), with L stochastic layers z_1 (bottom) .. z_L (top):
+
+    p(z_L) = N(0, I)
+    p(z_i | z_i+1) = N(mu_p,i, var_p,i)     (mu_p,i, var_p,i) = GaussianLayer(MLP(z_i+1))
+    p(x | z_1) = Bernoulli(sigmoid(logits)),  logits = Dense(MLP(z_1))
+
+Hierarchical VAE inference, purely bottom-up:  q(z_1|x) q(z_2|z_1) ... q(z_L|z_L-1).
+
+LVAE inference: a deterministic bottom-up pass d_i = MLP(d_i-1) (d_0 = x) gives a
+Gaussian "likelihood term" (mu_hat_i, var_hat_i) per layer; then a stochastic top-down
+pass through the *generative* model corrects it with the prior:
+
+    q(z_L | x) = N(mu_hat_L, var_hat_L)
+    q(z_i | .) = N(mu_q,i, var_q,i) = merge( (mu_hat_i, var_hat_i), p(z_i | z_i+1) )
+
+where ``merge`` is the precision-weighted product of the two Gaussians (gaussian.py).
+
+Objective (both models), with beta rising from 0 to 1 during warm-up:
+
+    ELBO = E_q[ log p(x|z_1) ] - beta * sum_i KL_i
+    KL_i = E_q[ log q(z_i|.) - log p(z_i|z_i+1) ]
+
+In the LVAE each KL_i is analytic given the sample of z_i+1, because z_i+1 is drawn
+before z_i. In the VAE, z_i+1 is drawn *after* z_i (from q(z_i+1|z_i)), so for i < L
+only the one-sample estimate log q(z_i|z_i-1) - log p(z_i|z_i+1) is available.
+
+The importance-weighted bound (Burda et al., 2016) with K samples z^k ~ q(z|x):
+
+    L_K = log (1/K) sum_k exp( log p(x, z^k) - log q(z^k|x) ),   L_1 = ELBO <= L_K <= log p(x)
+"""
+import math
+
+import numpy as np
+
+from autograd import (Tensor, bernoulli_log_prob, get_array_module, logsumexp, no_grad,
+                      sigmoid_array, to_numpy)
+from gaussian import gaussian_kl, log_normal, merge, reparameterize
+from layers import MLP, Dense, GaussianLayer, Module
+
+PAPER_Z_DIMS = (64, 32, 16, 8, 4)          # stochastic layers, bottom to top
+PAPER_HIDDEN = (512, 256, 128, 64, 32)     # width of the deterministic block of each layer
+
+
+class Noise:
+    """Standard-normal draws for the reparameterisation trick: reproducible and resumable.
+
+    On the CPU they come from a NumPy Generator. On the GPU they come from CuPy's
+    generator, reseeded from the NumPy one at every ``new_step()``: the host generator's
+    state alone determines every draw, and that is what checkpoints store.
+    """
+
+    def __init__(self, seed=0):
+        self.rng = np.random.default_rng(seed)
+        self._gpu_rng = None
+        self._reseed = True
+
+    def new_step(self):
+        self._reseed = True
+
+    def normal(self, shape, like):
+        """eps ~ N(0, I) of ``shape``, on the device and in the dtype of the array ``like``."""
+        xp = get_array_module(like)
+        if xp is np:
+            return self.rng.standard_normal(shape, dtype=like.dtype)
+        if self._gpu_rng is None:
+            self._gpu_rng = xp.random.RandomState()
+        if self._reseed:
+            self._gpu_rng.seed(int(self.rng.integers(2 ** 62)))
+            self._reseed = False
+        return self._gpu_rng.standard_normal(shape, dtype=like.dtype)
+
+    def get_state(self):
+        return self.rng.bit_generator.state
+
+    def set_state(self, state):
+        self.rng.bit_generator.state = state
+        self._reseed = True
+
+
+class Layers:
+    """What inference produced for each stochastic layer, index 0 = z_1 (bottom).
+
+    z, mu_q, var_q, mu_p, var_p: Tensors of shape (K, B, units) (or (B, units));
+    kl_units: the KL estimate per unit; kl: its sum over units, shape (K, B) or (B,).
+    logits: the Bernoulli logits of p(x | z_1), set by the model's forward pass.
+    For the top layer mu_p = 0 and var_p = 1 (the prior N(0, I)).
+    """
+
+    def __init__(self, n):
+        for name in ("z", "mu_q", "var_q", "mu_p", "var_p", "kl_units", "kl"):
+            setattr(self, name, [None] * n)
+        self.logits = None
+
+
+def _kl_term(kind, z, mu_q, var_q, mu_p=0.0, var_p=1.0):
+    """KL(q || p) per unit: analytic, or the one-sample estimate log q(z) - log p(z)."""
+    if kind == "analytic":
+        return gaussian_kl(mu_q, var_q, mu_p, var_p)
+    return log_normal(z, mu_q, var_q) - log_normal(z, mu_p, var_p)
+
+
+def _sample(mu, var, noise, samples):
+    """z = mu + sqrt(var) eps with eps of shape (samples, B, units) (broadcast over mu)."""
+    batch_shape = mu.shape if mu.ndim == 3 else (samples,) + mu.shape
+    return reparameterize(mu, var, noise.normal(batch_shape, like=mu.data))
+
+
+class HierarchicalModel(Module):
+    """The generative model p(x|z_1) p(z_1|z_2) ... p(z_L) that both inference models share.
+
+    x_dim: size of x; z_dims: units per stochastic layer (bottom to top); hidden: width of
+    each layer's deterministic block; n_dense: dense layers per block; batch_norm: on every
+    dense layer but the output; seed: for the initial weights.
+    """
+    kind = None
+
+    def __init__(self, x_dim=784, z_dims=PAPER_Z_DIMS, hidden=PAPER_HIDDEN, n_dense=2,
+                 batch_norm=True, seed=0):
+        z_dims, hidden = tuple(int(z) for z in z_dims), tuple(int(h) for h in hidden)
+        if len(z_dims) < 1 or len(z_dims) != len(hidden):
+            raise ValueError(f"z_dims {z_dims} and hidden {hidden} must be non-empty and of "
+                             f"the same length (one deterministic block per stochastic layer)")
+        if min(z_dims + hidden + (x_dim, n_dense)) < 1:
+            raise ValueError("x_dim, z_dims, hidden and n_dense must all be positive")
+        self.config = dict(model=self.kind, x_dim=x_dim, z_dims=z_dims, hidden=hidden,
+                           n_dense=n_dense, batch_norm=batch_norm, seed=seed)
+        self.x_dim, self.z_dims, self.n_layers = x_dim, z_dims, len(z_dims)
+        self.rng = np.random.default_rng(seed)
+        blocks = lambda n_in, width: MLP(n_in, [width] * n_dense, batch_norm, rng=self.rng)
+        # p(z_i | z_i+1): an MLP of z_i+1 as wide as the block of layer i+1, then a Gaussian head
+        self.prior_blocks = [blocks(z_dims[i + 1], hidden[i + 1]) for i in range(self.n_layers - 1)]
+        self.prior_heads = [GaussianLayer(hidden[i + 1], z_dims[i], batch_norm, rng=self.rng)
+                            for i in range(self.n_layers - 1)]
+        # p(x | z_1): an MLP of z_1, then a dense layer to the Bernoulli logits (no batch norm)
+        self.decoder = blocks(z_dims[0], hidden[0])
+        self.output = Dense(hidden[0], x_dim, bias=True, rng=self.rng)
+
+    def prior(self, i, z_above):
+        """(mu_p, var_p) of p(z_i | z_i+1) for layer index i < L-1."""
+        return self.prior_heads[i](self.prior_blocks[i](z_above))
+
+    def decode(self, z1):
+        """Bernoulli logits of p(x | z_1)."""
+        return self.output(self.decoder(z1))
+
+    def forward(self, x, noise, samples=1, kl="analytic"):
+        """Run inference and the generative model on a batch x of shape (B, x_dim).
+
+        samples: K posterior samples per image (a leading axis of size K everywhere);
+        kl: 'analytic' (where possible) or 'sample' (log q - log p at the sample, needed
+        for log-weights). Returns (log_px of shape (K, B), Layers).
+        """
+        x = x if isinstance(x, Tensor) else Tensor(x)
+        if x.ndim != 2 or x.shape[1] != self.x_dim:
+            raise ValueError(f"{type(self).__name__}: expected a batch of shape (B, "
+                             f"{self.x_dim}), got {x.shape}")
+        if kl not in ("analytic", "sample"):
+            raise ValueError(f"kl must be 'analytic' or 'sample', not {kl!r}")
+        if int(samples) < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        layers = self.infer(x, noise, int(samples), kl)
+        logits = self.decode(layers.z[0])
+        xp = get_array_module(x.data)
+        targets = Tensor(xp.broadcast_to(x.data, logits.shape))
+        log_px = bernoulli_log_prob(logits, targets).sum(axis=-1)
+        layers.logits = logits
+        return log_px, layers
+
+
+class LadderVAE(HierarchicalModel):
+    """The LVAE: deterministic bottom-up pass, then a top-down pass that merges each
+    bottom-up Gaussian with the generative model's prior (module docstring)."""
+    kind = "lvae"
+
+    def __init__(self, x_dim=784, z_dims=PAPER_Z_DIMS, hidden=PAPER_HIDDEN, n_dense=2,
+                 batch_norm=True, seed=0):
+        super().__init__(x_dim, z_dims, hidden, n_dense, batch_norm, seed)
+        n_in = (x_dim,) + tuple(hidden[:-1])  # d_i = MLP(d_i-1), d_0 = x
+        self.up_blocks = [MLP(n_in[i], [hidden[i]] * n_dense, batch_norm, rng=self.rng)
+                          for i in range(self.n_layers)]
+        self.up_heads = [GaussianLayer(hidden[i], z_dims[i], batch_norm, rng=self.rng)
+                         for i in range(self.n_layers)]
+
+    def infer(self, x, noise, samples, kl):
+        # bottom-up: (mu_hat_i, var_hat_i) for every layer, computed once per image
+        h, up = x, []
+        for block, head in zip(self.up_blocks, self.up_heads):
+            h = block(h)
+            up.append(head(h))
+        # top-down: the top layer's posterior is the bottom-up Gaussian itself
+        top, out = self.n_layers - 1, Layers(self.n_layers)
+        mu_q, var_q = up[top]
+        z = _sample(mu_q, var_q, noise, samples)
+        out.z[top], out.mu_q[top], out.var_q[top] = z, mu_q, var_q
+        out.kl_units[top] = _kl_term(kl, z, mu_q, var_q)
+        for i in range(top - 1, -1, -1):
+            mu_p, var_p = self.prior(i, z)
+            mu_q, var_q = merge(up[i][0], up[i][1], mu_p, var_p)
+            z = _sample(mu_q, var_q, noise, samples)
+            out.z[i], out.mu_q[i], out.var_q[i], out.mu_p[i], out.var_p[i] = z, mu_q, var_q, mu_p, var_p
+            out.kl_units[i] = _kl_term(kl, z, mu_q, var_q, mu_p, var_p)
+        out.kl = [k.sum(axis=-1) for k in out.kl_units]
+        return out
+
+
+class HierarchicalVAE(HierarchicalModel):
+    """The bottom-up hierarchical VAE: q(z_1|x) q(z_2|z_1) ... q(z_L|z_L-1)."""
+    kind = "vae"
+
+    def __init__(self, x_dim=784, z_dims=PAPER_Z_DIMS, hidden=PAPER_HIDDEN, n_dense=2,
+                 batch_norm=True, seed=0):
+        super().__init__(x_dim, z_dims, hidden, n_dense, batch_norm, seed)
+        n_in = (x_dim,) + tuple(z_dims[:-1])  # q(z_i | z_i-1), z_0 = x
+        self.up_blocks = [MLP(n_in[i], [hidden[i]] * n_dense, batch_norm, rng=self.rng)
+                          for i in range(self.n_layers)]
+        self.up_heads = [GaussianLayer(hidden[i], z_dims[i], batch_norm, rng=self.rng)
+                         for i in range(self.n_layers)]
+
+    def infer(self, x, noise, samples, kl):
+        out, below = Layers(self.n_layers), x
+        for i, (block, head) in enumerate(zip(self.up_blocks, self.up_heads)):
+            mu_q, var_q = head(block(below))
+            below = _sample(mu_q, var_q, noise, samples)
+            out.z[i], out.mu_q[i], out.var_q[i] = below, mu_q, var_q
+        top = self.n_layers - 1
+        out.kl_units[top] = _kl_term(kl, out.z[top], out.mu_q[top], out.var_q[top])
+        for i in range(top):  # p(z_i | z_i+1) needs z_i+1, drawn after z_i: no analytic KL
+            out.mu_p[i], out.var_p[i] = self.prior(i, out.z[i + 1])
+            out.kl_units[i] = _kl_term("sample", out.z[i], out.mu_q[i], out.var_q[i],
+                                       out.mu_p[i], out.var_p[i])
+        out.kl = [k.sum(axis=-1) for k in out.kl_units]
+        return out
+
+
+MODELS = {"lvae": LadderVAE, "vae": HierarchicalVAE}
+
+
+def build_model(model="lvae", **config):
+    """LadderVAE ('lvae') or HierarchicalVAE ('vae') with the given sizes."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}: choose one of {sorted(MODELS)}")
+    return MODELS[model](**config)
+
+
+# ----------------------------------------------------------------------------------
+# Objectives
+# ----------------------------------------------------------------------------------
+def elbo(model, x, noise, beta=1.0):
+    """The training objective with KL weight beta, to be *maximised*.
+
+    Returns (objective, terms): objective = mean over the batch of
+    log p(x|z) - beta * sum_i KL_i (a Tensor); terms holds the batch means of
+    'elbo' (beta = 1), 'log_px' and 'kl' (one per layer, bottom first), as 0-d arrays.
+    """
+    log_px, layers = model(x, noise, samples=1)
+    kl_total = layers.kl[0]
+    for k in layers.kl[1:]:
+        kl_total = kl_total + k
+    objective = (log_px - beta * kl_total).mean()
+    terms = {"elbo": (log_px.data - kl_total.data).mean(), "log_px": log_px.data.mean(),
+             "kl": [k.data.mean() for k in layers.kl]}
+    return objective, terms
+
+
+def log_weights(model, x, noise, samples):
+    """log p(x, z^k) - log q(z^k | x) for K = samples posterior draws: a (K, B) Tensor."""
+    log_px, layers = model(x, noise, samples=samples, kl="sample")
+    log_w = log_px
+    for k in layers.kl:
+        log_w = log_w - k
+    return log_w
+
+
+def iw_bound(model, x, noise, samples):
+    """The importance-weighted bound L_K averaged over the batch, to be maximised (the
+    paper's fine-tuning uses K = 10): L_K = logsumexp_k(log w_k) - log K.
+
+    Returns (objective, terms) like ``elbo``; the terms are one-sample estimates
+    averaged over the K samples ('elbo' is the mean log-weight).
+    """
+    log_px, layers = model(x, noise, samples=samples, kl="sample")
+    log_w = log_px
+    for k in layers.kl:
+        log_w = log_w - k
+    objective = (logsumexp(log_w, axis=0) - math.log(samples)).mean()
+    terms = {"elbo": log_w.data.mean(), "log_px": log_px.data.mean(),
+             "kl": [k.data.mean() for k in layers.kl]}
+    return objective, terms
+
+
+def log_likelihood_bound(model, x, samples=5000, noise=None, batch_size=100,
+                         max_rows=20000, progress=None):
+    """L_K for every row of x (a NumPy array), in evaluation mode, without gradients.
+
+    Memory stays bounded whatever K is: images go in batches and samples in chunks of at
+    most ``max_rows`` rows, and the log-sum-exp over samples is accumulated as we go:
+    LSE(a u b) = logaddexp(LSE(a), LSE(b)). progress(done, total) is called per batch.
+    """
+    noise = noise if noise is not None else Noise(0)
+    xp = get_array_module(model.output.weight.data)
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        with no_grad():
+            for start in range(0, len(x), batch_size):
+                xb = xp.asarray(x[start:start + batch_size])
+                chunk = max(1, min(samples, max_rows // len(xb)))
+                total = None
+                for done in range(0, samples, chunk):
+                    k = min(chunk, samples - done)
+                    noise.new_step()
+                    lse = logsumexp(log_weights(model, xb, noise, k), axis=0).data
+                    total = lse if total is None else xp.logaddexp(total, lse)
+                results.append(to_numpy(total - math.log(samples)))
+                if progress is not None:
+                    progress(min(start + batch_size, len(x)), len(x))
+    finally:
+        model.train(was_training)
+    return np.concatenate(results)
+
+
+# ----------------------------------------------------------------------------------
+# Analysis: KL per unit, active units, samples, reconstructions
+# ----------------------------------------------------------------------------------
+def _evaluate(model, x, noise, samples=1, kl="analytic"):
+    """Inference in evaluation mode without gradients; restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            xb = get_array_module(model.output.weight.data).asarray(x)
+            return model(xb, noise, samples=samples, kl=kl)
+    finally:
+        model.train(was_training)
+
+
+def kl_per_unit(model, x, noise):
+    """Mean KL of each latent unit over the rows of x: a list (bottom first) of arrays."""
+    _, layers = _evaluate(model, x, noise)
+    return [to_numpy(k.data.reshape(-1, k.shape[-1]).mean(axis=0)) for k in layers.kl_units]
+
+
+def posterior_means(model, x, noise, samples=10):
+    """E_q[z_i | x] for every layer, averaged over ``samples`` draws of the layers above
+    (the posterior of a lower layer depends on them): a list of (B, units) arrays."""
+    _, layers = _evaluate(model, x, noise, samples=samples)
+    means = []
+    for mu in layers.mu_q:
+        mu = to_numpy(mu.data)
+        means.append(mu.mean(axis=0) if mu.ndim == 3 else mu)
+    return means
+
+
+def active_units(model, x, noise, threshold=0.01, samples=10):
+    """Activity A_u = Cov_x(E_q[z_u | x]) of every unit (Burda et al., 2016); a unit is
+    active when A_u > threshold. Returns (list of activity arrays, list of counts)."""
+    activity = [m.var(axis=0) for m in posterior_means(model, x, noise, samples)]
+    return activity, [int((a > threshold).sum()) for a in activity]
+
+
+def sample_prior(model, n, noise):
+    """n images drawn from the model: z_L ~ N(0, I), then z_i ~ p(z_i|z_i+1), then
+    the Bernoulli means sigmoid(logits). Returns a NumPy array (n, x_dim)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            like = model.output.weight.data
+            top = model.n_layers - 1
+            z = Tensor(noise.normal((n, model.z_dims[top]), like=like))
+            for i in range(top - 1, -1, -1):
+                mu, var = model.prior(i, z)
+                z = reparameterize(mu, var, noise.normal(mu.shape, like=like))
+            return to_numpy(sigmoid_array(model.decode(z).data))
+    finally:
+        model.train(was_training)
+
+
+def reconstruct(model, x, noise):
+    """Bernoulli means of p(x | z_1) for one posterior sample z ~ q(z|x) per row of x."""
+    _, layers = _evaluate(model, x, noise)
+    return to_numpy(sigmoid_array(layers.logits.data))[0]

@@ -1,0 +1,594 @@
+"""Tests of the layers and the optimiser (layers.py).
+
+The single-op layers (linear, batch_norm) are checked against NumPy expressions and
+central finite differences in float64; the modules against the formulas in their
+docstrings; Adam against its update written out by hand. Bodies that take ``xp`` run
+with NumPy and, under the ``gpu`` marker, with CuPy.
+"""
+import math
+
+import numpy as np
+import pytest
+
+import autograd
+from autograd import Tensor, get_array_module, no_grad, numerical_gradient, to_numpy
+from layers import (MLP, Adam, BatchNorm, Dense, GaussianLayer, LeakyReLU, Module, batch_norm,
+                    linear, recompute_batchnorm_statistics)
+
+EPS = 1e-4  # batch norm's epsilon (BatchNorm's default)
+
+
+# ----------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------
+def check_op(xp, fn, *arrays, expected=None, rtol=1e-5, atol=1e-7, what="op"):
+    """Forward of ``fn`` (Tensors -> Tensor) on ``xp`` against ``expected``; backward of
+    sum(fn(...) * w), w fixed and random, against NumPy finite differences (float64)."""
+    arrays = [np.array(a, dtype=np.float64) for a in arrays]
+    leaves = [Tensor(xp.asarray(a), requires_grad=True) for a in arrays]
+    out = fn(*leaves)
+    if expected is not None:
+        assert out.shape == np.shape(expected), (
+            f"{what}: forward shape should be {np.shape(expected)}, got {out.shape}")
+        np.testing.assert_allclose(to_numpy(out.data), expected, rtol=1e-10, atol=1e-12,
+                                   err_msg=f"{what}: forward should equal the NumPy expression")
+    weights = np.random.default_rng(0).standard_normal(out.shape)
+    out.backward(xp.asarray(weights))
+
+    def scalar(*arrs):
+        with no_grad():
+            return float((to_numpy(fn(*[Tensor(a) for a in arrs]).data) * weights).sum())
+
+    for i, (leaf, a) in enumerate(zip(leaves, arrays)):
+        numeric = numerical_gradient(scalar, [x.copy() for x in arrays], i)
+        assert leaf.grad is not None and leaf.grad.shape == a.shape, (
+            f"{what}: input {i} should get a gradient of shape {a.shape}")
+        np.testing.assert_allclose(
+            to_numpy(leaf.grad), numeric, rtol=rtol, atol=atol,
+            err_msg=f"{what}: backward() for input {i} should match central finite differences")
+
+
+def device_of(xp):
+    return "cpu" if xp is np else "cuda"
+
+
+def normalise(x, mean, var, gamma, beta, eps=EPS):
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def leaky(x, slope=0.01):
+    return np.where(x > 0, x, slope * x)
+
+
+# ----------------------------------------------------------------------------------
+# linear
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("x_shape", [(5, 3), (2, 4, 3)], ids=["2-D input", "3-D input"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
+def test_linear(xp, x_shape, with_bias):
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal(x_shape), rng.standard_normal((3, 4)), rng.standard_normal(4)
+    if with_bias:
+        check_op(xp, linear, x, w, b, expected=x @ w + b, what=f"linear {x_shape} with bias")
+    else:
+        check_op(xp, linear, x, w, expected=x @ w, what=f"linear {x_shape} without bias")
+
+
+def test_linear_shape_error_names_shapes():
+    with pytest.raises(ValueError, match=r"linear: input has 5 features \(shape \(2, 5\)\).*"
+                                         r"expects 3 \(shape \(3, 4\)\)"):
+        linear(Tensor(np.ones((2, 5))), Tensor(np.ones((3, 4))))
+
+
+def test_dense_forward_and_parameters(xp):
+    rng = np.random.default_rng(1)
+    layer = Dense(3, 4, rng=rng).to(device_of(xp))
+    layer.bias.data[...] = xp.asarray(np.arange(4.0, dtype=np.float32))
+    x = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    y = layer(Tensor(xp.asarray(x)))
+    expected = x @ to_numpy(layer.weight.data) + np.arange(4.0)
+    assert y.shape == (2, 5, 4) and y.dtype == np.float32, "Dense should map (2, 5, 3) to (2, 5, 4) float32"
+    np.testing.assert_allclose(to_numpy(y.data), expected, rtol=1e-5, atol=1e-6,
+                               err_msg="Dense should compute x W + b over the last axis")
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
+    no_bias = Dense(3, 4, bias=False, rng=rng)
+    assert no_bias.bias is None and len(no_bias.parameters()) == 1, (
+        "Dense(bias=False) should have the weight as its only parameter")
+
+
+# ----------------------------------------------------------------------------------
+# batch_norm (the op)
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("x_shape", [(6, 3), (2, 4, 3)], ids=["2-D", "3-D"])
+def test_batch_norm_training_mode(xp, x_shape):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(x_shape) * 2 + 1
+    gamma, beta = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
+    rows = x.reshape(-1, 3)
+    expected = normalise(x, rows.mean(0), rows.var(0), gamma, beta)
+    check_op(xp, lambda t, g, b: batch_norm(t, g, b, EPS)[0], x, gamma, beta, expected=expected,
+             rtol=1e-5, atol=1e-6, what=f"batch_norm training {x_shape} (x, gamma, beta)")
+    _, mean, var = batch_norm(Tensor(xp.asarray(x)), Tensor(xp.asarray(gamma)),
+                              Tensor(xp.asarray(beta)), EPS)
+    np.testing.assert_allclose(to_numpy(mean), rows.mean(0), rtol=1e-12,
+                               err_msg="batch_norm should return the batch mean")
+    np.testing.assert_allclose(to_numpy(var), rows.var(0), rtol=1e-12,
+                               err_msg="batch_norm should return the biased batch variance")
+
+
+@pytest.mark.parametrize("x_shape", [(6, 3), (2, 4, 3)], ids=["2-D", "3-D"])
+def test_batch_norm_evaluation_mode(xp, x_shape):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(x_shape)
+    gamma, beta = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
+    mean, var = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
+    check_op(xp, lambda t, g, b: batch_norm(t, g, b, EPS, xp.asarray(mean), xp.asarray(var))[0],
+             x, gamma, beta, expected=normalise(x, mean, var, gamma, beta),
+             what=f"batch_norm evaluation {x_shape} (x, gamma, beta)")
+
+
+# ----------------------------------------------------------------------------------
+# BatchNorm (the module)
+# ----------------------------------------------------------------------------------
+def test_batchnorm_train_uses_batch_stats_and_eval_uses_running_averages(xp):
+    rng = np.random.default_rng(4)
+    bn = BatchNorm(3).to(device_of(xp))
+    gamma, beta = np.array([1.0, 2.0, 0.5], np.float32), np.array([0.0, -1.0, 3.0], np.float32)
+    bn.gamma.data[...], bn.beta.data[...] = xp.asarray(gamma), xp.asarray(beta)
+    x = (rng.standard_normal((8, 3)) * 3 + 5).astype(np.float32)
+    y = to_numpy(bn(Tensor(xp.asarray(x))).data)
+    np.testing.assert_allclose(y, normalise(x, x.mean(0), x.var(0), gamma, beta), rtol=1e-4,
+                               atol=1e-4, err_msg="training mode should normalise with the batch's "
+                                                  "mean and biased variance")
+
+    running_mean, running_var = np.array([1.0, -2.0, 0.5]), np.array([4.0, 0.25, 1.0])
+    bn.running_mean.data[...] = xp.asarray(running_mean)
+    bn.running_var.data[...] = xp.asarray(running_var)
+    bn.eval()
+    y = to_numpy(bn(Tensor(xp.asarray(x))).data)
+    np.testing.assert_allclose(y, normalise(x, running_mean, running_var, gamma, beta),
+                               rtol=1e-5, atol=1e-5,
+                               err_msg="evaluation mode should normalise with the running averages")
+    y_first = to_numpy(bn(Tensor(xp.asarray(x[:1]))).data)
+    np.testing.assert_allclose(y_first, y[:1], rtol=1e-6,
+                               err_msg="in evaluation mode a row's output should not depend on the batch")
+    np.testing.assert_array_equal(to_numpy(bn.running_mean.data), running_mean.astype(np.float32),
+                                  err_msg="evaluation mode should not change the running averages")
+
+
+def test_batchnorm_running_average_update(xp):
+    rng = np.random.default_rng(5)
+    bn = BatchNorm(3, momentum=0.1).to(device_of(xp))
+    mean, var = np.zeros(3), np.ones(3)  # the initial running averages
+    for n in (4, 7, 10):
+        x = (rng.standard_normal((n, 3)) * 2 + 3).astype(np.float32)
+        bn(Tensor(xp.asarray(x)))
+        # running = (1 - momentum) * running + momentum * batch, variance unbiased (ddof=1)
+        mean = 0.9 * mean + 0.1 * x.mean(0, dtype=np.float64)
+        var = 0.9 * var + 0.1 * x.var(0, ddof=1, dtype=np.float64)
+    np.testing.assert_allclose(to_numpy(bn.running_mean.data), mean, rtol=1e-5,
+                               err_msg="running mean should follow the momentum formula")
+    np.testing.assert_allclose(to_numpy(bn.running_var.data), var, rtol=1e-5,
+                               err_msg="running variance should follow the momentum formula "
+                                       "with the unbiased batch variance")
+
+
+def test_batchnorm_momentum_none_gives_exact_average(xp):
+    rng = np.random.default_rng(6)
+    bn = BatchNorm(2, momentum=None).to(device_of(xp))
+    batches = [(rng.standard_normal((n, 2)) * 2 - 1).astype(np.float32) for n in (3, 5, 8, 4)]
+    for b in batches:
+        bn(Tensor(xp.asarray(b)))
+    np.testing.assert_allclose(to_numpy(bn.running_mean.data),
+                               np.mean([b.mean(0) for b in batches], axis=0), rtol=1e-5,
+                               err_msg="momentum=None: running mean = average of the batch means")
+    np.testing.assert_allclose(to_numpy(bn.running_var.data),
+                               np.mean([b.var(0, ddof=1) for b in batches], axis=0), rtol=1e-5,
+                               err_msg="momentum=None: running var = average of unbiased batch variances")
+
+
+def _mlp_batch_stats(model, batch):
+    """NumPy reference: the inputs of each batch norm of an MLP in training mode."""
+    a, stats = batch.astype(np.float64), []
+    for dense, bn in zip(model.dense, model.norms):
+        h = a @ to_numpy(dense.weight.data).astype(np.float64)
+        stats.append((h.mean(0), h.var(0, ddof=1)))
+        a = leaky(normalise(h, h.mean(0), h.var(0), to_numpy(bn.gamma.data), to_numpy(bn.beta.data),
+                            bn.eps), model.slope)
+    return stats
+
+
+@pytest.mark.parametrize("was_training", [False, True], ids=["from eval", "from train"])
+def test_recompute_batchnorm_statistics(was_training):
+    rng = np.random.default_rng(7)
+    model = MLP(3, [4, 5], rng=rng)
+    for bn in model.norms:  # make the second layer's input depend on the first's gamma, beta
+        bn.gamma.data[...] = rng.uniform(0.5, 2, bn.gamma.shape)
+        bn.beta.data[...] = rng.standard_normal(bn.beta.shape)
+        bn.running_mean.data[...] = 100.0  # stale values that must be replaced
+    model.train(was_training)
+    batches = [rng.standard_normal((n, 3)).astype(np.float32) * 2 + 1 for n in (5, 8, 6)]
+    outputs = []
+    recompute_batchnorm_statistics(model, batches, lambda b: outputs.append(model(Tensor(b))))
+
+    per_batch = [_mlp_batch_stats(model, b) for b in batches]
+    for i, bn in enumerate(model.norms):
+        np.testing.assert_allclose(to_numpy(bn.running_mean.data),
+                                   np.mean([s[i][0] for s in per_batch], axis=0), rtol=1e-4, atol=1e-5,
+                                   err_msg=f"norm {i}: running mean should be the exact mean of "
+                                           f"the batch means")
+        np.testing.assert_allclose(to_numpy(bn.running_var.data),
+                                   np.mean([s[i][1] for s in per_batch], axis=0), rtol=1e-4,
+                                   err_msg=f"norm {i}: running var should be the exact mean of the "
+                                           f"unbiased batch variances")
+        assert bn.momentum == 0.1, "the momentum should be restored afterwards"
+    assert all(m.training == was_training for m in model.modules()), (
+        f"every module's training flag should be restored to {was_training}")
+    assert not any(o.requires_grad for o in outputs), "the statistics pass should record no graph"
+
+
+def test_recompute_batchnorm_statistics_restores_flags_on_error():
+    model = MLP(3, [4], rng=np.random.default_rng(8)).eval()
+
+    def failing_forward(batch):
+        model(Tensor(batch))
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        recompute_batchnorm_statistics(model, [np.ones((4, 3), np.float32)], failing_forward)
+    assert model.norms[0].momentum == 0.1 and not model.norms[0].training, (
+        "momentum and training flag should be restored even when forward raises")
+    assert autograd.is_grad_enabled(), "gradient recording should be back on"
+
+
+# ----------------------------------------------------------------------------------
+# Dense initialisation
+# ----------------------------------------------------------------------------------
+def test_dense_glorot_init():
+    layer = Dense(400, 300, init="glorot", rng=np.random.default_rng(9))
+    w = layer.weight.data
+    limit = math.sqrt(6.0 / (400 + 300))
+    assert w.dtype == np.float32 and w.shape == (400, 300)
+    assert np.abs(w).max() <= limit, f"glorot weights should lie in [-{limit:.4f}, {limit:.4f}]"
+    assert np.abs(w).max() > 0.99 * limit, "glorot weights should fill the interval"
+    assert abs(w.std() / (limit / math.sqrt(3)) - 1) < 0.02, (
+        f"glorot std should be limit / sqrt(3) = {limit / math.sqrt(3):.4f}, got {w.std():.4f}")
+    assert abs(w.mean()) < 0.01 * limit, "glorot weights should have mean 0"
+    np.testing.assert_array_equal(layer.bias.data, np.zeros(300), err_msg="bias should start at 0")
+
+
+def test_dense_he_init():
+    w = Dense(500, 200, init="he", rng=np.random.default_rng(10)).weight.data
+    std = math.sqrt(2.0 / 500)
+    assert abs(w.std() / std - 1) < 0.02, f"he std should be sqrt(2 / fan_in) = {std:.4f}, got {w.std():.4f}"
+    assert abs(w.mean()) < 0.01 * std, "he weights should have mean 0"
+
+
+def test_dense_unknown_init_is_an_error():
+    with pytest.raises(ValueError, match=r"unknown init 'xavier'.*'glorot' or 'he'"):
+        Dense(3, 4, init="xavier")
+
+
+def test_dense_init_is_reproducible_with_a_seeded_rng():
+    a = Dense(5, 4, rng=np.random.default_rng(11)).weight.data
+    b = Dense(5, 4, rng=np.random.default_rng(11)).weight.data
+    np.testing.assert_array_equal(a, b, err_msg="the same seed should give the same weights")
+
+
+# ----------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_bn", [True, False], ids=["batch norm", "no batch norm"])
+def test_mlp_shapes(xp, use_bn):
+    model = MLP(5, [7, 3], batch_norm=use_bn, rng=np.random.default_rng(12)).to(device_of(xp))
+    assert model.n_out == 3
+    for shape in [(4, 5), (2, 4, 5)]:
+        y = model(Tensor(xp.asarray(np.random.default_rng(0).standard_normal(shape), np.float32)))
+        assert y.shape == shape[:-1] + (3,) and y.dtype == np.float32, (
+            f"MLP(5, [7, 3]) should map {shape} to {shape[:-1] + (3,)} float32, got {y.shape} {y.dtype}")
+    assert all((d.bias is None) == use_bn for d in model.dense), (
+        "dense layers should have a bias exactly when no batch norm follows")
+    assert len(model.parameters()) == (2 + 4 if use_bn else 4)
+
+
+def test_mlp_is_dense_batchnorm_leaky_relu():
+    rng = np.random.default_rng(13)
+    model = MLP(3, [4], rng=rng)
+    x = rng.standard_normal((6, 3)).astype(np.float32)
+    h = x.astype(np.float64) @ model.dense[0].weight.data
+    expected = leaky(normalise(h, h.mean(0), h.var(0), 1.0, 0.0))
+    np.testing.assert_allclose(model(Tensor(x)).data, expected, rtol=1e-4, atol=1e-5,
+                               err_msg="MLP block should be leaky_relu(BN(x W))")
+    np.testing.assert_allclose(LeakyReLU(0.2)(Tensor(np.array([-2.0, 3.0]))).data, [-0.4, 3.0],
+                               err_msg="LeakyReLU(0.2) should give 0.2 x for x < 0, x otherwise")
+
+
+@pytest.mark.parametrize("use_bn", [True, False], ids=["batch norm", "no batch norm"])
+def test_gaussian_layer(xp, use_bn):
+    rng = np.random.default_rng(14)
+    layer = GaussianLayer(5, 3, batch_norm=use_bn, rng=rng).to(device_of(xp))
+    h = Tensor(xp.asarray(rng.standard_normal((6, 5)), np.float32))
+    mu, var = layer(h)
+    assert mu.shape == var.shape == (6, 3), f"mu and var should be (6, 3), got {mu.shape}, {var.shape}"
+    assert float(var.data.min()) > 0, "var should be positive"
+
+    # very negative pre-activations: softplus underflows to 0, var_eps keeps log(var) finite
+    if use_bn:
+        layer.var_norm.beta.data[...] = -1e3
+    else:
+        layer.var_dense.bias.data[...] = -1e3
+    mu, var = layer(h)
+    log_var = autograd.log(var)
+    assert float(var.data.min()) > 0, "var should stay positive for pre-activations of -1e3"
+    assert np.all(np.isfinite(to_numpy(log_var.data))), "log(var) should be finite"
+    np.testing.assert_allclose(to_numpy(var.data), layer.var_eps, rtol=1e-3,
+                               err_msg="var should be var_eps when softplus underflows")
+    (log_var.sum() + mu.sum()).backward()
+    for name, p in layer.named_parameters():
+        assert np.all(np.isfinite(to_numpy(p.grad))), f"the gradient of {name} should be finite"
+
+
+# ----------------------------------------------------------------------------------
+# Module: parameters, state_dict, modes, devices
+# ----------------------------------------------------------------------------------
+class Net(Module):
+    def __init__(self, seed):
+        rng = np.random.default_rng(seed)
+        self.encoder = MLP(4, [6, 5], rng=rng)
+        self.head = GaussianLayer(5, 2, rng=rng)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+NET_PARAMETERS = [
+    "encoder.dense.0.weight", "encoder.dense.1.weight",
+    "encoder.norms.0.gamma", "encoder.norms.0.beta", "encoder.norms.1.gamma", "encoder.norms.1.beta",
+    "head.mean_dense.weight", "head.var_dense.weight",
+    "head.mean_norm.gamma", "head.mean_norm.beta", "head.var_norm.gamma", "head.var_norm.beta"]
+
+
+def test_parameters_have_a_deterministic_order():
+    names = [n for n, _ in Net(0).named_parameters()]
+    assert names == NET_PARAMETERS, "parameters should come in order of definition, sub-modules in place"
+    net = Net(0)
+    assert [id(p) for p in net.parameters()] == [id(p) for p in net.parameters()], (
+        "parameters() should return the same tensors in the same order every time")
+    keys = list(net.state_dict())
+    assert keys[:4] == ["encoder.dense.0.weight", "encoder.dense.1.weight",
+                        "encoder.norms.0.gamma", "encoder.norms.0.beta"]
+    assert "encoder.norms.0.running_mean" in keys and "head.var_norm.running_var" in keys, (
+        "state_dict should hold the batch norm buffers as well")
+    assert len(keys) == len(NET_PARAMETERS) + 2 * 4, "12 parameters and 2 buffers for each of 4 norms"
+
+
+def _outputs(net, x):
+    with no_grad():
+        mu, var = net(Tensor(x))
+    return mu.data.copy(), var.data.copy()
+
+
+def test_state_dict_round_trip():
+    x = np.random.default_rng(15).standard_normal((8, 4)).astype(np.float32)
+    a, b = Net(0), Net(1)
+    a(Tensor(x))  # moves the running averages away from their initial values
+    state = a.state_dict()
+    b.load_state_dict(state)
+    for mode in ("eval", "train"):
+        getattr(a, mode)(), getattr(b, mode)()
+        for out_a, out_b in zip(_outputs(a, x), _outputs(b, x)):
+            np.testing.assert_array_equal(out_a, out_b, err_msg=f"a loaded model should give the "
+                                                                f"same outputs ({mode} mode)")
+    for name, t in b.named_tensors():
+        np.testing.assert_array_equal(t.data, state[name], err_msg=f"{name} should be loaded")
+        assert t.dtype == np.float32, f"{name} should keep the model's dtype"
+    state["encoder.dense.0.weight"][...] = 7.0
+    assert not np.any(b.encoder.dense[0].weight.data == 7.0), "loading should copy the arrays"
+    a.encoder.dense[0].weight.data[...] = 8.0
+    assert not np.any(a.state_dict()["encoder.dense.1.weight"] == 8.0)
+    assert not np.any(b.state_dict()["encoder.dense.0.weight"] == 8.0), (
+        "state_dict should hold copies, not the model's arrays")
+
+
+def test_load_state_dict_errors():
+    net = Net(0)
+    before = net.state_dict()
+    state = net.state_dict()
+    del state["encoder.norms.0.gamma"]
+    with pytest.raises(KeyError, match=r"missing keys \['encoder.norms.0.gamma'\]"):
+        net.load_state_dict(state)
+    state = net.state_dict()
+    state["extra.weight"] = np.zeros(3)
+    with pytest.raises(KeyError, match=r"unexpected keys \['extra.weight'\]"):
+        net.load_state_dict(state)
+    state = {k: v + 1 for k, v in net.state_dict().items()}
+    state["head.var_dense.weight"] = np.zeros((2, 2))
+    with pytest.raises(ValueError, match=r"head.var_dense.weight has shape \(2, 2\) in the state, "
+                                         r"\(5, 2\) in the model"):
+        net.load_state_dict(state)
+    for name, value in net.state_dict().items():
+        np.testing.assert_array_equal(value, before[name],
+                                      err_msg="a failed load should leave the model unchanged")
+
+
+def test_train_and_eval_propagate_to_submodules():
+    net = Net(0)
+    assert net.eval() is net, "eval() should return the module"
+    assert all(not m.training for m in net.modules()), "eval() should reach every sub-module"
+    assert net.train() is net
+    assert all(m.training for m in net.modules()), "train() should reach every sub-module"
+    net.train(False)
+    assert not net.head.var_norm.training and not net.encoder.norms[1].training
+    assert len(list(net.modules())) == 1 + 1 + 2 + 2 + 1 + 4, "Net, MLP, 2 Dense, 2 BN, head, 4 in head"
+
+
+def test_to_cpu(xp):
+    net = Net(0)
+    x = np.random.default_rng(16).standard_normal((8, 4)).astype(np.float32)
+    expected = _outputs(net.eval(), x)
+    for p in net.parameters():
+        p.grad = np.ones_like(p.data)
+    assert net.to(device_of(xp)) is net, "to() should return the module"
+    assert all(get_array_module(t) is xp for _, t in net.named_tensors()), (
+        f"to({device_of(xp)!r}) should move every parameter and buffer")
+    assert all(p.grad is None for p in net.parameters()), "to() should drop stale gradients"
+    got = _outputs(net, xp.asarray(x))
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(to_numpy(g), e, rtol=1e-5, atol=1e-6,
+                                   err_msg="outputs should not depend on the device")
+    net.to("cpu")
+    assert all(isinstance(t.data, np.ndarray) for _, t in net.named_tensors()), (
+        "to('cpu') should give NumPy arrays")
+
+
+@pytest.mark.skipif(autograd.cuda_available(), reason="CUDA is available here")
+def test_module_to_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(RuntimeError, match=r"device 'cuda'.*not available"):
+        Net(0).to("cuda")
+
+
+def test_module_to_unknown_device_is_an_error():
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        Net(0).to("gpu")
+
+
+# ----------------------------------------------------------------------------------
+# Adam
+# ----------------------------------------------------------------------------------
+def adam_reference(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8, scales=None):
+    """Adam written out: m, v, bias corrections, update, one step per gradient."""
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        g = g * (1.0 if scales is None else scales[t - 1])
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g ** 2
+        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return p, m, v
+
+
+def test_adam_first_and_second_step_by_hand(xp):
+    p0 = np.array([1.0, -2.0, 3.0, 0.5])
+    g1, g2 = np.array([0.1, -0.5, 2.0, 0.0]), np.array([-0.3, -0.5, 1.0, 4.0])
+    p = Tensor(xp.asarray(p0), requires_grad=True)
+    opt = Adam([p], lr=0.1)
+
+    p.grad = xp.asarray(g1)
+    opt.step()
+    # step 1: m = 0.1 g1, v = 0.001 g1^2, m_hat = g1, v_hat = g1^2: the step is lr * sign(g1)
+    p1 = p0 - 0.1 * g1 / (np.abs(g1) + 1e-8)
+    np.testing.assert_allclose(to_numpy(p.data), p1, rtol=1e-12, atol=1e-15,
+                               err_msg="first Adam step should be p - lr * g / (|g| + eps)")
+    np.testing.assert_allclose(to_numpy(opt.m[0]), 0.1 * g1, rtol=1e-12, err_msg="m after step 1")
+    np.testing.assert_allclose(to_numpy(opt.v[0]), 0.001 * g1 ** 2, rtol=1e-12, err_msg="v after step 1")
+
+    p.grad = xp.asarray(g2)
+    opt.step()
+    m2 = 0.9 * 0.1 * g1 + 0.1 * g2
+    v2 = 0.999 * 0.001 * g1 ** 2 + 0.001 * g2 ** 2
+    p2 = p1 - 0.1 * (m2 / (1 - 0.9 ** 2)) / (np.sqrt(v2 / (1 - 0.999 ** 2)) + 1e-8)
+    np.testing.assert_allclose(to_numpy(p.data), p2, rtol=1e-12, atol=1e-15,
+                               err_msg="second Adam step should use bias corrections 1 - b^2")
+    np.testing.assert_allclose(to_numpy(p.data), adam_reference(p0, [g1, g2], 0.1)[0], rtol=1e-12)
+    assert opt.t == 2
+
+
+def test_adam_skips_parameters_without_gradient():
+    a, b = Tensor(np.ones(2), requires_grad=True), Tensor(np.ones(3), requires_grad=True)
+    opt = Adam([a, b], lr=0.1)
+    a.grad = np.array([1.0, -1.0])
+    opt.step()
+    np.testing.assert_array_equal(b.data, np.ones(3), err_msg="a parameter with grad None should not move")
+    np.testing.assert_array_equal(opt.m[1], np.zeros(3), err_msg="...nor its moments")
+
+
+def test_adam_keeps_float32():
+    p = Tensor(np.ones(3, np.float32), requires_grad=True)
+    opt = Adam([p], lr=0.01, clip_norm=0.5)
+    p.grad = np.array([1.0, 2.0, 3.0], np.float32)
+    opt.step()
+    assert p.dtype == opt.m[0].dtype == opt.v[0].dtype == np.float32, "Adam should keep float32"
+
+
+def test_adam_minimises_least_squares():
+    rng = np.random.default_rng(17)
+    A, b = rng.standard_normal((20, 3)), rng.standard_normal(20)
+    x = Tensor(np.zeros(3), requires_grad=True)
+    opt = Adam([x], lr=0.05)
+    A_t, b_t = Tensor(A), Tensor(b)
+    for _ in range(1500):
+        opt.zero_grad()
+        r = (A_t @ x.reshape(3, 1)).reshape(20) - b_t
+        (r * r).sum().backward()
+        opt.step()
+    solution = np.linalg.lstsq(A, b, rcond=None)[0]
+    np.testing.assert_allclose(x.data, solution, atol=1e-3,
+                               err_msg="Adam should reach the least-squares solution of ||Ax - b||^2")
+
+
+def test_adam_clip_norm():
+    p0, q0 = np.array([1.0, 2.0]), np.array([[0.5], [-1.0]])
+    # step 1: ||(3, 4, 0, 12)|| = 13 > clip 5, scaled by 5/13; step 2: norm 1 < 5, not scaled
+    grads_p = [np.array([3.0, 4.0]), np.array([0.6, 0.0])]
+    grads_q = [np.array([[0.0], [12.0]]), np.array([[0.0], [0.8]])]
+    p, q = Tensor(p0.copy(), requires_grad=True), Tensor(q0.copy(), requires_grad=True)
+    opt = Adam([p, q], lr=0.1, clip_norm=5.0)
+    for i, (gp, gq) in enumerate(zip(grads_p, grads_q)):
+        p.grad, q.grad = gp.copy(), gq.copy()
+        opt.step()
+        assert opt.last_grad_norm == pytest.approx([13.0, 1.0][i]), "last_grad_norm should be ||g||"
+        if i == 0:
+            np.testing.assert_allclose(opt.m[0], 0.1 * grads_p[0] * 5 / 13, rtol=1e-12,
+                                       err_msg="m should see the clipped gradient g * clip / ||g||")
+    scales = [5 / 13, 1.0]
+    np.testing.assert_allclose(p.data, adam_reference(p0, grads_p, 0.1, scales=scales)[0],
+                               rtol=1e-12, err_msg="clipped Adam should equal Adam on clipped gradients")
+    np.testing.assert_allclose(q.data, adam_reference(q0, grads_q, 0.1, scales=scales)[0], rtol=1e-12)
+    unclipped = adam_reference(p0, grads_p, 0.1)[0]
+    assert not np.allclose(p.data, unclipped), "clipping should change the second step"
+    np.testing.assert_array_equal(p.grad, grads_p[1], err_msg="clipping should not modify p.grad")
+
+
+def test_adam_state_dict_round_trip():
+    rng = np.random.default_rng(18)
+    shapes = [(3, 2), (2,)]
+    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(4)]
+    a = [Tensor(rng.standard_normal(s), requires_grad=True) for s in shapes]
+    opt_a = Adam(a, lr=0.01, clip_norm=1.0)
+    for step in grads[:3]:
+        for p, g in zip(a, step):
+            p.grad = g
+        opt_a.step()
+    b = [Tensor(p.data.copy(), requires_grad=True) for p in a]
+    opt_b = Adam(b, lr=0.01, clip_norm=1.0)
+    state = opt_a.state_dict()
+    opt_b.load_state_dict(state)
+    assert opt_b.t == 3, "the step count should be restored"
+    state["m.0"][...] = 99.0
+    assert not np.any(opt_b.m[0] == 99.0), "loading should copy the moment arrays"
+    for params, opt in ((a, opt_a), (b, opt_b)):
+        for p, g in zip(params, grads[3]):
+            p.grad = g
+        opt.step()
+    for pa, pb in zip(a, b):
+        np.testing.assert_array_equal(pa.data, pb.data, err_msg="a restored Adam should take the "
+                                                                "identical next step")
+
+
+def test_adam_load_state_dict_errors():
+    p = Tensor(np.ones((2, 3)), requires_grad=True)
+    opt = Adam([p])
+    with pytest.raises(KeyError, match=r"expected 3 entries"):
+        opt.load_state_dict({"t": np.array(1)})
+    with pytest.raises(ValueError, match=r"m.0 has shape \(3,\), parameter 0 has \(2, 3\)"):
+        opt.load_state_dict({"t": np.array(1), "m.0": np.zeros(3), "v.0": np.zeros((2, 3))})
+
+
+def test_adam_zero_grad():
+    x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    opt = Adam([x])
+    (x * x).sum().backward()
+    opt.zero_grad()
+    assert x.grad is None, "zero_grad() should clear the gradients"
+    (x * 3).sum().backward()
+    np.testing.assert_array_equal(x.grad, [3.0, 3.0],
+                                  err_msg="after zero_grad() the next backward() should not accumulate")

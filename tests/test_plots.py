@@ -1,0 +1,153 @@
+"""Tests of the figures (plots.py): each writes a real PNG, bad inputs fail clearly.
+
+CPU only, a few seconds in all. Skipped where matplotlib is not installed.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import matplotlib  # noqa: E402
+
+import plots  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+UNITS = [64, 32, 16, 8, 4]
+
+
+def assert_png(path):
+    """``path`` exists, starts with the PNG signature and is over 1 kB."""
+    path = Path(path)
+    assert path.is_file(), path
+    head = path.read_bytes()[:8]
+    assert head == PNG_SIGNATURE, head
+    assert path.stat().st_size > 1024, path.stat().st_size
+
+
+def fake_metrics(epochs=30, eval_every=10, layers=5):
+    """Per-epoch records as training writes them to the JSONL metrics file."""
+    out = []
+    for e in range(1, epochs + 1):
+        m = {"epoch": e, "train_elbo": -120 + 30 * np.exp(-e / 5),
+             "kl": [20 * 0.5 ** i * (1 - np.exp(-e / 8)) + 1e-4 for i in range(layers)],
+             "beta": min(1.0, e / 20)}
+        if e % eval_every == 0:
+            m.update(test_elbo=m["train_elbo"] - 2, test_lk=m["train_elbo"] + 1,
+                     lk_samples=5000)
+        else:
+            m.update(test_elbo=None, test_lk=None)
+        out.append(m)
+    return out
+
+
+def test_module_selects_headless_backend():
+    assert matplotlib.get_backend().lower() == "agg"
+
+
+def test_learning_curves(tmp_path):
+    path = tmp_path / "curves.png"
+    assert plots.learning_curves(fake_metrics(), path) == path
+    assert_png(path)
+
+
+def test_learning_curves_without_eval_epochs(tmp_path):
+    metrics = [{"epoch": e, "train_elbo": -100.0 - e} for e in range(3)]
+    assert_png(plots.learning_curves(metrics, tmp_path / "c.png"))
+
+
+def test_learning_curves_rejects_empty_and_missing_keys(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        plots.learning_curves([], tmp_path / "c.png")
+    with pytest.raises(ValueError, match="train_elbo"):
+        plots.learning_curves([{"epoch": 1}], tmp_path / "c.png")
+
+
+def test_kl_per_layer(tmp_path):
+    path = plots.kl_per_layer(fake_metrics(), tmp_path / "kl.png", units=UNITS)
+    assert_png(path)
+    assert_png(plots.kl_per_layer(fake_metrics(layers=2), tmp_path / "kl2.png"))
+
+
+def test_kl_per_layer_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        plots.kl_per_layer([], tmp_path / "kl.png")
+    with pytest.raises(ValueError, match="units"):
+        plots.kl_per_layer(fake_metrics(layers=3), tmp_path / "kl.png", units=UNITS)
+    ragged = fake_metrics(epochs=2)
+    ragged[1]["kl"] = ragged[1]["kl"][:2]
+    with pytest.raises(ValueError, match="lengths"):
+        plots.kl_per_layer(ragged, tmp_path / "kl.png")
+
+
+def test_kl_per_unit_with_activity(tmp_path):
+    rng = np.random.default_rng(0)
+    kl = [rng.exponential(0.5, u) for u in UNITS]
+    activity = [rng.exponential(0.05, u) for u in UNITS]
+    path = plots.kl_per_unit(kl, tmp_path / "units.png", activity=activity)
+    assert_png(path)
+    assert_png(plots.kl_per_unit(kl, tmp_path / "units_plain.png"))
+
+
+def test_kl_per_unit_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        plots.kl_per_unit([], tmp_path / "u.png")
+    with pytest.raises(ValueError, match="activity shapes"):
+        plots.kl_per_unit([np.ones(4)], tmp_path / "u.png", activity=[np.ones(3)])
+
+
+def test_image_grid(tmp_path):
+    images = np.random.default_rng(1).random((12, 784))
+    path = plots.image_grid(images, tmp_path / "grid.png", title="Samples")
+    assert_png(path)
+    assert_png(plots.image_grid(images, tmp_path / "grid2.png", rows=2))
+
+
+def test_image_grid_rejects_wrong_size(tmp_path):
+    with pytest.raises(ValueError, match=r"\(5, 100\).*784.*\(28, 28\)"):
+        plots.image_grid(np.zeros((5, 100)), tmp_path / "g.png")
+    with pytest.raises(ValueError, match="no images"):
+        plots.image_grid(np.zeros((0, 784)), tmp_path / "g.png")
+
+
+def test_reconstructions(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.random((15, 784))
+    path = plots.reconstructions(x, np.clip(x + 0.1, 0, 1), tmp_path / "rec.png")
+    assert_png(path)
+
+
+def test_reconstructions_rejects_mismatch(tmp_path):
+    with pytest.raises(ValueError, match="differ"):
+        plots.reconstructions(np.zeros((4, 784)), np.zeros((3, 784)), tmp_path / "r.png")
+
+
+def test_pca_recovers_dominant_direction():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 1)) * [[10.0, 0.0, 0.0]] + rng.normal(size=(500, 3)) * 0.1
+    proj, ratio = plots.pca(x)
+    assert proj.shape == (500, 2)
+    assert ratio[0] > 0.99 and ratio[0] >= ratio[1]
+    proj1, ratio1 = plots.pca(x[:, :1])  # one unit: second component is zeros
+    assert np.all(proj1[:, 1] == 0) and ratio1[1] == 0
+
+
+def test_pca_codes(tmp_path):
+    rng = np.random.default_rng(4)
+    n = 200
+    labels = rng.integers(0, 10, n)
+    codes = [rng.normal(size=(n, u)) + labels[:, None] for u in [8, 4, 1]]
+    assert_png(plots.pca_codes(codes, labels, tmp_path / "pca.png"))
+    assert_png(plots.pca_codes(codes, None, tmp_path / "pca_nolabels.png"))
+
+
+def test_pca_codes_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        plots.pca_codes([], None, tmp_path / "p.png")
+    with pytest.raises(ValueError, match="same N"):
+        plots.pca_codes([np.zeros((10, 2)), np.zeros((9, 2))], None, tmp_path / "p.png")
+    with pytest.raises(ValueError, match="labels"):
+        plots.pca_codes([np.zeros((10, 2))], np.zeros(7), tmp_path / "p.png")

@@ -1,0 +1,267 @@
+"""Train a Ladder VAE (or the bottom-up hierarchical VAE) on dynamically binarised MNIST.
+
+    python train.py                                   # the paper's recipe (2000 epochs)
+    python train.py --epochs=10 --warmup=5            # a short run (minutes on a CPU)
+    python train.py --model=vae --out_dir=runs/vae    # the baseline
+    python train.py --iw_samples=10 --lr=2e-4 --init_from=runs/lvae/ckpt.npz  # IW fine-tuning
+    python train.py --device=cuda                     # on a GPU, through CuPy
+
+Configuration: the plain values below; override any with --key=value (the type must
+match the default's; unknown keys are an error). Running again with the same out_dir
+resumes from its checkpoint, exactly where it stopped (Ctrl-C saves before exiting).
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+import checkpoint
+import data
+import lvae
+from autograd import check_device, get_array_module, to_device
+from layers import Adam, recompute_batchnorm_statistics
+
+# ---------------------------------------------------------------------------- config
+model = "lvae"                  # 'lvae' or 'vae'
+z_dims = (64, 32, 16, 8, 4)     # stochastic layers, bottom to top
+hidden = (512, 256, 128, 64, 32)  # width of each layer's deterministic block
+n_dense = 2                     # dense layers per block
+batch_norm = True               # on every dense layer but the output
+dataset = "mnist"               # 'mnist', 'fashion_mnist' or 'omniglot'
+data_root = ""                  # folder with the data files ('' = defaults, see data.py)
+epochs = 2000                   # the paper trains up to 2000 epochs
+warmup = 200                    # epochs over which beta rises from 0 to 1 (0 = no warm-up)
+batch_size = 256
+lr = 2e-3                       # Adam learning rate (the paper's code README uses 2e-4)
+clip_norm = 0.0                 # clip the global gradient norm (0 = off)
+iw_samples = 1                  # K > 1 trains on the importance-weighted bound L_K
+eval_interval = 10              # epochs between test evaluations (0 = only at the end)
+eval_lk_samples = 1000          # K of the test bound L_K in the periodic evaluations
+eval_lk_images = 2000           # first test images used for L_K (0 = all 10000)
+final_lk_samples = 5000         # K of the final evaluation (the paper's L_5000; 0 = skip)
+final_lk_images = 0             # test images for the final L_K (0 = all)
+bn_recompute = True             # final evaluation: batch-norm statistics over the train set
+device = "cpu"                  # 'cpu' or 'cuda'
+seed = 0
+out_dir = "runs/lvae"
+init_from = ""                  # a checkpoint to start from (weights only), e.g. fine-tuning
+log_interval = 50               # steps between progress lines within an epoch
+# ------------------------------------------------------------------------------------
+config_keys = [k for k, v in list(globals().items())
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+
+
+def apply_overrides(args, namespace):
+    """--key=value overrides, checked against the defaults' types."""
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"error: arguments look like --key=value, got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        if key not in config_keys:
+            raise SystemExit(f"error: unknown option {key!r}; valid options: "
+                             f"{', '.join(config_keys)}")
+        default = namespace[key]
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                parsed = value.lower() in ("true", "1")
+            elif isinstance(default, tuple):
+                parsed = tuple(int(v) for v in value.split(",") if v)
+            elif isinstance(default, float):
+                parsed = float(value)
+            else:
+                parsed = type(default)(value)
+        except ValueError:
+            raise SystemExit(f"error: --{key} expects a {type(default).__name__} like "
+                             f"{default!r}, got {value!r}") from None
+        namespace[key] = parsed
+
+
+def beta_for(epoch):
+    """Deterministic warm-up: beta rises linearly from 0 to 1 over `warmup` epochs."""
+    return 1.0 if warmup <= 0 else min(1.0, epoch / warmup)
+
+
+def test_elbo(net, test_x, noise):
+    """Mean test ELBO in evaluation mode (batch norm with its running averages)."""
+    totals, n = 0.0, 0
+    xp = get_array_module(net.output.weight.data)
+    net.eval()
+    with lvae.no_grad():
+        for start in range(0, len(test_x), 1000):
+            xb = xp.asarray(test_x[start:start + 1000])
+            _, terms = lvae.elbo(net, xb, noise)
+            totals += float(terms["elbo"]) * len(xb)
+            n += len(xb)
+    net.train()
+    return totals / n
+
+
+def add_terms(sums, pending, where, ckpt_path):
+    """Add the pending per-step terms to the epoch's sums (as Python floats), stopping
+    with a message that names the term if one is NaN or inf."""
+    for terms, n in pending:
+        values = {"log_px": float(terms["log_px"]), "elbo": float(terms["elbo"])}
+        kls = [float(k) for k in terms["kl"]]
+        bad = [name for name, v in (("the reconstruction term log p(x|z1)", values["log_px"]),
+                                    *((f"the KL term of layer z{i + 1}", k) for i, k in enumerate(kls)))
+               if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(
+                f"{where}: {bad[0]} became NaN or inf; stopped, the last good checkpoint "
+                f"is kept in {ckpt_path}. Try a lower --lr or set --clip_norm.")
+        sums["elbo"] += values["elbo"] * n
+        sums["log_px"] += values["log_px"] * n
+        sums["kl"] = [s + k * n for s, k in zip(sums["kl"], kls)]
+        sums["n"] += n
+    pending.clear()
+
+
+def main(argv):
+    apply_overrides(argv, globals())
+    config = {k: globals()[k] for k in config_keys}
+    check_device(device)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "ckpt.npz")
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+
+    # data: grey levels; training batches are binarised afresh each epoch
+    ds = data.load_dataset(dataset, data_root or None)
+    test_x = data.binarized_test_set(ds.test_x)
+    lk_images = test_x[:eval_lk_images] if eval_lk_images else test_x
+
+    # model, optimiser, random streams
+    net = lvae.build_model(model, x_dim=ds.train_x.shape[1], z_dims=z_dims, hidden=hidden,
+                           n_dense=n_dense, batch_norm=batch_norm, seed=seed)
+    if device == "cuda":
+        net.to("cuda")
+    optimizer = Adam(net.parameters(), lr=lr, clip_norm=clip_norm or None)
+    noise = lvae.Noise(seed + 1)
+    data_rng = np.random.default_rng(seed + 2)
+    state = {"epoch": 0, "step": 0, "sums": None, "data_rng": data_rng.bit_generator.state}
+    history = []
+    if os.path.exists(ckpt_path):
+        state, history = checkpoint.load(ckpt_path, net, optimizer, noise, config)
+        print(f"resuming from {ckpt_path}: epoch {state['epoch']}, step {state['step']}")
+    elif init_from:
+        checkpoint.load_weights(init_from, net)
+        print(f"initialised weights from {init_from}")
+    print(f"{model}: {sum(p.size for p in net.parameters()):,} parameters, {dataset} "
+          f"{ds.train_x.shape[0]} train / {ds.test_x.shape[0]} test, device {device}")
+
+    def save(epoch, step, sums, epoch_rng_state):
+        checkpoint.save(ckpt_path, net, optimizer, noise, config, history,
+                        {"epoch": epoch, "step": step, "sums": sums, "data_rng": epoch_rng_state})
+
+    steps_per_epoch = math.ceil(len(ds.train_x) / batch_size)
+    epoch = state["epoch"]
+    try:
+        while epoch < epochs:
+            # the data stream of an epoch is fixed by the generator's state at its start,
+            # so a resumed epoch replays the same batches and skips the ones already done
+            data_rng.bit_generator.state = state["data_rng"]
+            epoch_rng_state = state["data_rng"]
+            beta, first_step = beta_for(epoch), state["step"]
+            sums = state["sums"] or {"elbo": 0.0, "log_px": 0.0, "kl": [0.0] * net.n_layers, "n": 0}
+            pending = []  # per-step terms not yet added to sums
+            t0 = time.perf_counter()
+            batches = data.iterate_minibatches(ds.train_x, batch_size, data_rng)
+            for step, batch in enumerate(batches):
+                if step < first_step:
+                    continue
+                noise.new_step()
+                xb = to_device(batch, device)
+                if iw_samples > 1:
+                    objective, terms = lvae.iw_bound(net, xb, noise, iw_samples)
+                else:
+                    objective, terms = lvae.elbo(net, xb, noise, beta)
+                optimizer.zero_grad()
+                (-objective).backward()
+                optimizer.step()
+                pending.append((terms, len(batch)))
+                state = {"step": step + 1, "sums": sums}
+                # reading numbers back from a GPU waits for it: do it every log_interval steps there
+                if device == "cpu" or (step + 1) % log_interval == 0:
+                    add_terms(sums, pending, f"epoch {epoch + 1}, step {step + 1}", ckpt_path)
+                if log_interval and (step + 1) % log_interval == 0:
+                    rate = (time.perf_counter() - t0) / (step + 1 - first_step)
+                    print(f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch}: train elbo "
+                          f"{sums['elbo'] / sums['n']:.2f} ({rate * 1000:.1f} ms/step)", flush=True)
+            add_terms(sums, pending, f"epoch {epoch + 1}", ckpt_path)
+            seconds = time.perf_counter() - t0
+            epoch += 1
+            n = sums["n"]
+            record = {"epoch": epoch, "beta": beta, "train_elbo": sums["elbo"] / n,
+                      "train_log_px": sums["log_px"] / n, "kl": [k / n for k in sums["kl"]],
+                      "seconds": seconds}
+            kl_text = " ".join(f"{k:.2f}" for k in record["kl"])
+            line = (f"epoch {epoch}: beta {beta:.2f}, train elbo {record['train_elbo']:.2f}, "
+                    f"KL per layer (z1..z{net.n_layers}) {kl_text}, {seconds:.1f}s")
+            if eval_interval and epoch % eval_interval == 0 or epoch == epochs:
+                record["test_elbo"] = test_elbo(net, test_x, noise)
+                line += f" | test elbo {record['test_elbo']:.2f}"
+                if eval_lk_samples:
+                    record["test_lk"] = float(lvae.log_likelihood_bound(
+                        net, lk_images, eval_lk_samples, noise).mean())
+                    record["lk_samples"] = eval_lk_samples
+                    line += f", L_{eval_lk_samples} {record['test_lk']:.2f} ({len(lk_images)} images)"
+            print(line, flush=True)
+            history.append(record)
+            state = {"epoch": epoch, "step": 0, "sums": None, "data_rng": data_rng.bit_generator.state}
+            save(epoch, 0, None, state["data_rng"])
+            checkpoint.write_metrics(metrics_path, history)
+    except KeyboardInterrupt:
+        if state.get("step"):
+            save(epoch, state["step"], state["sums"], epoch_rng_state)
+        print(f"\ninterrupted: saved {ckpt_path} (epoch {epoch}, step {state.get('step', 0)});"
+              f" run the same command again to resume")
+        return 1
+    finalize(net, ds, test_x, noise, history)
+    return 0
+
+
+def finalize(net, ds, test_x, noise, history):
+    """Plots, and the final evaluation the way the paper reports it."""
+    import plots
+    net.train()
+    xp_x = lambda a: to_device(a, device)
+    if history:
+        plots.learning_curves(history, os.path.join(out_dir, "learning_curves.png"))
+        plots.kl_per_layer(history, os.path.join(out_dir, "kl_per_layer.png"), units=list(z_dims))
+    rng = np.random.default_rng(seed + 3)
+    if bn_recompute:
+        batches = data.iterate_minibatches(ds.train_x, 1000, rng, drop_last=False)
+        recompute_batchnorm_statistics(net, batches, lambda b: lvae.elbo(net, xp_x(b), noise))
+    kl_units = lvae.kl_per_unit(net, test_x[:2000], noise)
+    activity, counts = lvae.active_units(net, test_x[:2000], noise)
+    plots.kl_per_unit(kl_units, os.path.join(out_dir, "kl_per_unit.png"), activity=activity)
+    plots.image_grid(lvae.sample_prior(net, 100, noise), os.path.join(out_dir, "samples.png"),
+                     title="samples from the model")
+    plots.reconstructions(test_x[:10], lvae.reconstruct(net, test_x[:10], noise),
+                          os.path.join(out_dir, "reconstructions.png"))
+    result = {"active_units": counts, "test_elbo": test_elbo(net, test_x, noise)}
+    print(f"final: test elbo {result['test_elbo']:.2f} (batch-norm statistics "
+          f"{'recomputed over the training set' if bn_recompute else 'from training'}), "
+          f"active units per layer {counts}")
+    if final_lk_samples:
+        images = test_x[:final_lk_images] if final_lk_images else test_x
+        t0 = time.perf_counter()
+        bound = lvae.log_likelihood_bound(
+            net, images, final_lk_samples, noise,
+            progress=lambda done, total: print(f"\r  L_{final_lk_samples}: {done}/{total} images",
+                                               end="", flush=True))
+        result.update(test_lk=float(bound.mean()), lk_samples=final_lk_samples,
+                      lk_images=len(images))
+        print(f"\nfinal: L_{final_lk_samples} {result['test_lk']:.2f} on {len(images)} test "
+              f"images ({time.perf_counter() - t0:.0f}s)")
+    with open(os.path.join(out_dir, "final.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out_dir}/: ckpt.npz, metrics.jsonl, final.json, *.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
