@@ -559,7 +559,7 @@ def getitem(x, index):
     def backward(g):
         xp = get_array_module(g)
         full = xp.zeros(x.shape, dtype=g.dtype)
-        xp.add.at(full, index, g) if xp is np else full.scatter_add(index, g)
+        xp.add.at(full, index, g)  # adds every repeated index (CuPy >= 12 has add.at too)
         return (full,)
     return record(out, (x,), backward)
 

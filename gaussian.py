@@ -17,6 +17,8 @@ with ``sum_to`` where an input was broadcast (e.g. one mu_hat shared by K sample
 """
 import math
 
+import numpy as np
+
 from autograd import Tensor, as_tensor, get_array_module, record, record_multi, sum_to
 import kernels
 
@@ -49,7 +51,7 @@ def merge_backward(g_mu, g_var, mu_hat, var_hat, mu_p, var_p):
     """
     xp = get_array_module(mu_hat)
     s = 1 / (var_hat + var_p)
-    g_mu = xp.zeros_like(s) if g_mu is None else g_mu
+    g_mu = xp.zeros_like(s) if g_mu is None else g_mu  # an output that got no gradient
     g_var = xp.zeros_like(s) if g_var is None else g_var
     s2 = s * s
     diff = mu_p - mu_hat
@@ -125,8 +127,12 @@ def merge(mu_hat, var_hat, mu_p, var_p):
     """
     inputs = _tensors(mu_hat, var_hat, mu_p, var_p)
     forward, backward = _implementation("merge", inputs[0].data)
-    mu_q, var_q = forward(*(t.data for t in inputs))
-    datas = [t.data for t in inputs]
+    # both outputs get the full broadcast shape (views, no copies), so that each output's
+    # gradient has one entry per element and the backward formulas hold as written
+    xp = get_array_module(inputs[0].data)
+    shape = np.broadcast_shapes(*(t.shape for t in inputs))
+    datas = [xp.broadcast_to(t.data, shape) for t in inputs]
+    mu_q, var_q = forward(*datas)
     return tuple(record_multi((mu_q, var_q), inputs,
                               lambda gs: _reduce(backward(gs[0], gs[1], *datas), inputs)))
 

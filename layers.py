@@ -254,7 +254,8 @@ def recompute_batchnorm_statistics(model, batches, forward):
     (without recording gradients) so that each batch norm sees batch statistics.
     """
     norms = [m for m in model.modules() if isinstance(m, BatchNorm)]
-    saved = [(bn.momentum, bn.training) for bn in norms]
+    momenta = [bn.momentum for bn in norms]
+    modes = [(m, m.training) for m in model.modules()]  # every module's flag, not only BN's
     for bn in norms:
         bn.reset_running_stats()
         bn.momentum = None
@@ -264,8 +265,10 @@ def recompute_batchnorm_statistics(model, batches, forward):
             for batch in batches:
                 forward(batch)
     finally:
-        for bn, (momentum, training) in zip(norms, saved):
-            bn.momentum, bn.training = momentum, training
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+        for m, training in modes:
+            m.training = training
 
 
 # ----------------------------------------------------------------------------------

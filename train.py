@@ -183,10 +183,13 @@ def main(argv):
                 (-objective).backward()
                 optimizer.step()
                 pending.append((terms, len(batch)))
-                state = {"step": step + 1, "sums": sums}
                 # reading numbers back from a GPU waits for it: do it every log_interval steps there
-                if device == "cpu" or (step + 1) % log_interval == 0:
+                if device == "cpu" or (step + 1) % (log_interval or 50) == 0:
                     add_terms(sums, pending, f"epoch {epoch + 1}, step {step + 1}", ckpt_path)
+                # what Ctrl-C saves: a snapshot after this step (copies, and the noise
+                # state now, so that the resumed run draws what this one would have)
+                state = {"epoch": epoch, "step": step + 1, "sums": {**sums, "kl": list(sums["kl"])},
+                         "pending": list(pending), "noise_rng": noise.get_state()}
                 if log_interval and (step + 1) % log_interval == 0:
                     rate = (time.perf_counter() - t0) / (step + 1 - first_step)
                     print(f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch}: train elbo "
@@ -202,11 +205,12 @@ def main(argv):
             line = (f"epoch {epoch}: beta {beta:.2f}, train elbo {record['train_elbo']:.2f}, "
                     f"KL per layer (z1..z{net.n_layers}) {kl_text}, {seconds:.1f}s")
             if eval_interval and epoch % eval_interval == 0 or epoch == epochs:
-                record["test_elbo"] = test_elbo(net, test_x, noise)
+                # evaluations draw from their own streams: they must not shift training's
+                record["test_elbo"] = test_elbo(net, test_x, lvae.Noise(seed + 4))
                 line += f" | test elbo {record['test_elbo']:.2f}"
                 if eval_lk_samples:
                     record["test_lk"] = float(lvae.log_likelihood_bound(
-                        net, lk_images, eval_lk_samples, noise).mean())
+                        net, lk_images, eval_lk_samples, lvae.Noise(seed + 5)).mean())
                     record["lk_samples"] = eval_lk_samples
                     line += f", L_{eval_lk_samples} {record['test_lk']:.2f} ({len(lk_images)} images)"
             print(line, flush=True)
@@ -215,9 +219,12 @@ def main(argv):
             save(epoch, 0, None, state["data_rng"])
             checkpoint.write_metrics(metrics_path, history)
     except KeyboardInterrupt:
-        if state.get("step"):
-            save(epoch, state["step"], state["sums"], epoch_rng_state)
-        print(f"\ninterrupted: saved {ckpt_path} (epoch {epoch}, step {state.get('step', 0)});"
+        if "noise_rng" in state:  # steps were done since the last save: save the snapshot
+            add_terms(state["sums"], state["pending"], f"epoch {state['epoch'] + 1}", ckpt_path)
+            noise.set_state(state["noise_rng"])
+            del history[state["epoch"]:]  # in case the epoch's record was already made
+            save(state["epoch"], state["step"], state["sums"], epoch_rng_state)
+        print(f"\ninterrupted: {ckpt_path} holds epoch {state['epoch']}, step {state['step']};"
               f" run the same command again to resume")
         return 1
     finalize(net, ds, test_x, noise, history)

@@ -492,14 +492,15 @@ def test_float32_stays_float32(xp, name, op):
     out = op(t)
     assert out.dtype == np.float32, f"{name} on float32 should give float32, got {out.dtype}"
     out.backward(xp.ones(out.shape, dtype=np.float32))
-    assert t.grad.dtype == np.float32, f"the gradient of {name} should be float32, got {t.grad.dtype}"
+    assert t.grad.dtype == np.float32, (
+        f"the gradient of {name} should be float32, got {t.grad.dtype}")
 
 
 def test_tensor_constructor_dtypes():
     assert autograd.tensor([1, 2, 3]).dtype == np.float32, "lists should become float32"
     assert autograd.tensor(np.arange(3)).dtype == np.float32, "integer arrays should become float32"
     assert autograd.tensor(np.ones(2)).dtype == np.float64, "a float64 array should stay float64"
-    assert autograd.tensor(np.ones(2), dtype=np.float32).dtype == np.float32
+    assert autograd.tensor(np.ones(2), dtype=np.float32).dtype == np.float32, "dtype= should win"
 
 
 # ----------------------------------------------------------------------------------
@@ -507,7 +508,7 @@ def test_tensor_constructor_dtypes():
 # ----------------------------------------------------------------------------------
 def test_no_grad_records_nothing(xp):
     x = Tensor(xp.ones(3), requires_grad=True)
-    assert autograd.is_grad_enabled()
+    assert autograd.is_grad_enabled(), "recording should be on by default"
     with no_grad():
         assert not autograd.is_grad_enabled(), "recording should be off inside no_grad()"
         y = autograd.exp(x * 2).sum()

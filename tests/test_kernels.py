@@ -169,7 +169,8 @@ def c_source(ctype):
     lines = ["#include <tgmath.h>", f"typedef {ctype} T;", ""]
     for name, (in_params, out_params, body) in kernels.KERNELS.items():
         ins, outs = param_names(in_params), param_names(out_params)
-        args = ", ".join(["long n"] + [f"const T *in_{p}" for p in ins] + [f"T *out_{p}" for p in outs])
+        args = ", ".join(["long n"] + [f"const T *in_{p}" for p in ins]
+                         + [f"T *out_{p}" for p in outs])
         lines += [f"void {name}({args}) {{",
                   "    for (long idx = 0; idx < n; ++idx) {"]
         lines += [f"        const T {p} = in_{p}[idx];" for p in ins]
@@ -375,8 +376,8 @@ OPS = {  # name: (function of Tensors, input arrays given a dtype)
     "merge_var_only": (lambda *t: gaussian.merge(*t)[1], broadcast_inputs),
     "kl": (gaussian.gaussian_kl, _samples_and_prior),
     "kl_standard_normal": (gaussian.gaussian_kl, lambda dt: _samples_and_prior(dt)[:2]),
-    "log_normal": (lambda z, mu, var: gaussian.log_normal(z, mu, var),
-                   lambda dt: (_samples_and_prior(dt)[0],) + _samples_and_prior(dt)[2:]),
+    "log_normal": (gaussian.log_normal,
+                   lambda dt: _samples_and_prior(dt)[:1] + _samples_and_prior(dt)[2:]),
     "log_normal_standard": (gaussian.log_normal, lambda dt: _samples_and_prior(dt)[:1]),
 }
 
@@ -395,7 +396,6 @@ def test_fused_ops_match_finite_differences(fake_cupy, op):
 # ----------------------------------------------------------------------------------
 requires_cuda = pytest.mark.skipif(not autograd.cuda_available(),
                                    reason="needs CuPy and a CUDA device")
-gpu = [pytest.mark.gpu, requires_cuda]
 
 
 @pytest.fixture
@@ -440,10 +440,12 @@ def test_gpu_fusion_on_matches_off(op, dtype, fusion_restored):
         assert out.dtype == dtype
         out.backward(cupy.asarray(weights))
         results[fused] = [out.numpy()] + [autograd.to_numpy(leaf.grad) for leaf in leaves]
-    rtol, atol = (1e-5, 1e-6) if dtype == np.float32 else (1e-12, 1e-13)
+    rtol = RTOL[dtype]
     for i, (on, off) in enumerate(zip(results[True], results[False])):
         what = "output" if i == 0 else f"gradient of input {i - 1}"
-        np.testing.assert_allclose(on, off, rtol=rtol, atol=atol,
+        # rounding (e.g. fused multiply-adds on the GPU) is relative to the terms: the
+        # largest value of the array bounds them for these moderate inputs
+        np.testing.assert_allclose(on, off, rtol=rtol, atol=rtol * np.abs(off).max(),
                                    err_msg=f"{op}: {what} differs between fused and plain CuPy")
 
 

@@ -87,7 +87,8 @@ def test_dense_forward_and_parameters(xp):
     x = rng.standard_normal((2, 5, 3)).astype(np.float32)
     y = layer(Tensor(xp.asarray(x)))
     expected = x @ to_numpy(layer.weight.data) + np.arange(4.0)
-    assert y.shape == (2, 5, 4) and y.dtype == np.float32, "Dense should map (2, 5, 3) to (2, 5, 4) float32"
+    assert y.shape == (2, 5, 4) and y.dtype == np.float32, (
+        "Dense should map (2, 5, 3) to (2, 5, 4) float32")
     np.testing.assert_allclose(to_numpy(y.data), expected, rtol=1e-5, atol=1e-6,
                                err_msg="Dense should compute x W + b over the last axis")
     assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
@@ -122,8 +123,10 @@ def test_batch_norm_evaluation_mode(xp, x_shape):
     x = rng.standard_normal(x_shape)
     gamma, beta = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
     mean, var = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
-    check_op(xp, lambda t, g, b: batch_norm(t, g, b, EPS, xp.asarray(mean), xp.asarray(var))[0],
-             x, gamma, beta, expected=normalise(x, mean, var, gamma, beta),
+    def fn(t, g, b):  # the running statistics live where t lives (finite differences: NumPy)
+        on = get_array_module(t).asarray
+        return batch_norm(t, g, b, EPS, on(mean), on(var))[0]
+    check_op(xp, fn, x, gamma, beta, expected=normalise(x, mean, var, gamma, beta),
              what=f"batch_norm evaluation {x_shape} (x, gamma, beta)")
 
 
@@ -150,8 +153,9 @@ def test_batchnorm_train_uses_batch_stats_and_eval_uses_running_averages(xp):
                                rtol=1e-5, atol=1e-5,
                                err_msg="evaluation mode should normalise with the running averages")
     y_first = to_numpy(bn(Tensor(xp.asarray(x[:1]))).data)
-    np.testing.assert_allclose(y_first, y[:1], rtol=1e-6,
-                               err_msg="in evaluation mode a row's output should not depend on the batch")
+    np.testing.assert_allclose(
+        y_first, y[:1], rtol=1e-6,
+        err_msg="in evaluation mode a row's output should not depend on the batch")
     np.testing.assert_array_equal(to_numpy(bn.running_mean.data), running_mean.astype(np.float32),
                                   err_msg="evaluation mode should not change the running averages")
 
@@ -184,7 +188,8 @@ def test_batchnorm_momentum_none_gives_exact_average(xp):
                                err_msg="momentum=None: running mean = average of the batch means")
     np.testing.assert_allclose(to_numpy(bn.running_var.data),
                                np.mean([b.var(0, ddof=1) for b in batches], axis=0), rtol=1e-5,
-                               err_msg="momentum=None: running var = average of unbiased batch variances")
+                               err_msg="momentum=None: running var = average of the unbiased "
+                                       "batch variances")
 
 
 def _mlp_batch_stats(model, batch):
@@ -214,7 +219,8 @@ def test_recompute_batchnorm_statistics(was_training):
     per_batch = [_mlp_batch_stats(model, b) for b in batches]
     for i, bn in enumerate(model.norms):
         np.testing.assert_allclose(to_numpy(bn.running_mean.data),
-                                   np.mean([s[i][0] for s in per_batch], axis=0), rtol=1e-4, atol=1e-5,
+                                   np.mean([s[i][0] for s in per_batch], axis=0),
+                                   rtol=1e-4, atol=1e-5,
                                    err_msg=f"norm {i}: running mean should be the exact mean of "
                                            f"the batch means")
         np.testing.assert_allclose(to_numpy(bn.running_var.data),
@@ -247,7 +253,7 @@ def test_dense_glorot_init():
     layer = Dense(400, 300, init="glorot", rng=np.random.default_rng(9))
     w = layer.weight.data
     limit = math.sqrt(6.0 / (400 + 300))
-    assert w.dtype == np.float32 and w.shape == (400, 300)
+    assert w.dtype == np.float32 and w.shape == (400, 300), "weight should be (400, 300) float32"
     assert np.abs(w).max() <= limit, f"glorot weights should lie in [-{limit:.4f}, {limit:.4f}]"
     assert np.abs(w).max() > 0.99 * limit, "glorot weights should fill the interval"
     assert abs(w.std() / (limit / math.sqrt(3)) - 1) < 0.02, (
@@ -259,7 +265,8 @@ def test_dense_glorot_init():
 def test_dense_he_init():
     w = Dense(500, 200, init="he", rng=np.random.default_rng(10)).weight.data
     std = math.sqrt(2.0 / 500)
-    assert abs(w.std() / std - 1) < 0.02, f"he std should be sqrt(2 / fan_in) = {std:.4f}, got {w.std():.4f}"
+    assert abs(w.std() / std - 1) < 0.02, (
+        f"he std should be sqrt(2 / fan_in) = {std:.4f}, got {w.std():.4f}")
     assert abs(w.mean()) < 0.01 * std, "he weights should have mean 0"
 
 
@@ -280,14 +287,16 @@ def test_dense_init_is_reproducible_with_a_seeded_rng():
 @pytest.mark.parametrize("use_bn", [True, False], ids=["batch norm", "no batch norm"])
 def test_mlp_shapes(xp, use_bn):
     model = MLP(5, [7, 3], batch_norm=use_bn, rng=np.random.default_rng(12)).to(device_of(xp))
-    assert model.n_out == 3
+    assert model.n_out == 3, "n_out should be the last size"
     for shape in [(4, 5), (2, 4, 5)]:
         y = model(Tensor(xp.asarray(np.random.default_rng(0).standard_normal(shape), np.float32)))
         assert y.shape == shape[:-1] + (3,) and y.dtype == np.float32, (
-            f"MLP(5, [7, 3]) should map {shape} to {shape[:-1] + (3,)} float32, got {y.shape} {y.dtype}")
+            f"MLP(5, [7, 3]) should map {shape} to {shape[:-1] + (3,)} float32, "
+            f"got {y.shape} {y.dtype}")
     assert all((d.bias is None) == use_bn for d in model.dense), (
         "dense layers should have a bias exactly when no batch norm follows")
-    assert len(model.parameters()) == (2 + 4 if use_bn else 4)
+    assert len(model.parameters()) == (2 + 4 if use_bn else 4), (
+        "2 weights plus (gamma, beta) x 2 with batch norm, (weight, bias) x 2 without")
 
 
 def test_mlp_is_dense_batchnorm_leaky_relu():
@@ -308,7 +317,8 @@ def test_gaussian_layer(xp, use_bn):
     layer = GaussianLayer(5, 3, batch_norm=use_bn, rng=rng).to(device_of(xp))
     h = Tensor(xp.asarray(rng.standard_normal((6, 5)), np.float32))
     mu, var = layer(h)
-    assert mu.shape == var.shape == (6, 3), f"mu and var should be (6, 3), got {mu.shape}, {var.shape}"
+    assert mu.shape == var.shape == (6, 3), (
+        f"mu and var should be (6, 3), got {mu.shape}, {var.shape}")
     assert float(var.data.min()) > 0, "var should be positive"
 
     # very negative pre-activations: softplus underflows to 0, var_eps keeps log(var) finite
@@ -342,14 +352,16 @@ class Net(Module):
 
 NET_PARAMETERS = [
     "encoder.dense.0.weight", "encoder.dense.1.weight",
-    "encoder.norms.0.gamma", "encoder.norms.0.beta", "encoder.norms.1.gamma", "encoder.norms.1.beta",
+    "encoder.norms.0.gamma", "encoder.norms.0.beta",
+    "encoder.norms.1.gamma", "encoder.norms.1.beta",
     "head.mean_dense.weight", "head.var_dense.weight",
     "head.mean_norm.gamma", "head.mean_norm.beta", "head.var_norm.gamma", "head.var_norm.beta"]
 
 
 def test_parameters_have_a_deterministic_order():
     names = [n for n, _ in Net(0).named_parameters()]
-    assert names == NET_PARAMETERS, "parameters should come in order of definition, sub-modules in place"
+    assert names == NET_PARAMETERS, (
+        "parameters should come in order of definition, sub-modules in place")
     net = Net(0)
     assert [id(p) for p in net.parameters()] == [id(p) for p in net.parameters()], (
         "parameters() should return the same tensors in the same order every time")
@@ -358,7 +370,8 @@ def test_parameters_have_a_deterministic_order():
                         "encoder.norms.0.gamma", "encoder.norms.0.beta"]
     assert "encoder.norms.0.running_mean" in keys and "head.var_norm.running_var" in keys, (
         "state_dict should hold the batch norm buffers as well")
-    assert len(keys) == len(NET_PARAMETERS) + 2 * 4, "12 parameters and 2 buffers for each of 4 norms"
+    assert len(keys) == len(NET_PARAMETERS) + 2 * 4, (
+        "state_dict should hold 12 parameters and 2 buffers for each of 4 norms")
 
 
 def _outputs(net, x):
@@ -373,14 +386,14 @@ def test_state_dict_round_trip():
     a(Tensor(x))  # moves the running averages away from their initial values
     state = a.state_dict()
     b.load_state_dict(state)
+    for name, t in b.named_tensors():
+        np.testing.assert_array_equal(t.data, state[name], err_msg=f"{name} should be loaded")
+        assert t.dtype == np.float32, f"{name} should keep the model's dtype"
     for mode in ("eval", "train"):
         getattr(a, mode)(), getattr(b, mode)()
         for out_a, out_b in zip(_outputs(a, x), _outputs(b, x)):
             np.testing.assert_array_equal(out_a, out_b, err_msg=f"a loaded model should give the "
                                                                 f"same outputs ({mode} mode)")
-    for name, t in b.named_tensors():
-        np.testing.assert_array_equal(t.data, state[name], err_msg=f"{name} should be loaded")
-        assert t.dtype == np.float32, f"{name} should keep the model's dtype"
     state["encoder.dense.0.weight"][...] = 7.0
     assert not np.any(b.encoder.dense[0].weight.data == 7.0), "loading should copy the arrays"
     a.encoder.dense[0].weight.data[...] = 8.0
@@ -414,11 +427,13 @@ def test_train_and_eval_propagate_to_submodules():
     net = Net(0)
     assert net.eval() is net, "eval() should return the module"
     assert all(not m.training for m in net.modules()), "eval() should reach every sub-module"
-    assert net.train() is net
+    assert net.train() is net, "train() should return the module"
     assert all(m.training for m in net.modules()), "train() should reach every sub-module"
     net.train(False)
-    assert not net.head.var_norm.training and not net.encoder.norms[1].training
-    assert len(list(net.modules())) == 1 + 1 + 2 + 2 + 1 + 4, "Net, MLP, 2 Dense, 2 BN, head, 4 in head"
+    assert not net.head.var_norm.training and not net.encoder.norms[1].training, (
+        "train(False) should act as eval()")
+    assert len(list(net.modules())) == 1 + 1 + 2 + 2 + 1 + 4, (
+        "modules() should list Net, MLP, 2 Dense, 2 BN, the head and its 4 sub-modules")
 
 
 def test_to_cpu(xp):
@@ -469,7 +484,7 @@ def adam_reference(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8, scales=None):
 def test_adam_first_and_second_step_by_hand(xp):
     p0 = np.array([1.0, -2.0, 3.0, 0.5])
     g1, g2 = np.array([0.1, -0.5, 2.0, 0.0]), np.array([-0.3, -0.5, 1.0, 4.0])
-    p = Tensor(xp.asarray(p0), requires_grad=True)
+    p = Tensor(xp.array(p0), requires_grad=True)  # a copy: Adam updates p.data in place
     opt = Adam([p], lr=0.1)
 
     p.grad = xp.asarray(g1)
@@ -479,7 +494,8 @@ def test_adam_first_and_second_step_by_hand(xp):
     np.testing.assert_allclose(to_numpy(p.data), p1, rtol=1e-12, atol=1e-15,
                                err_msg="first Adam step should be p - lr * g / (|g| + eps)")
     np.testing.assert_allclose(to_numpy(opt.m[0]), 0.1 * g1, rtol=1e-12, err_msg="m after step 1")
-    np.testing.assert_allclose(to_numpy(opt.v[0]), 0.001 * g1 ** 2, rtol=1e-12, err_msg="v after step 1")
+    np.testing.assert_allclose(to_numpy(opt.v[0]), 0.001 * g1 ** 2, rtol=1e-12,
+                               err_msg="v after step 1")
 
     p.grad = xp.asarray(g2)
     opt.step()
@@ -489,7 +505,7 @@ def test_adam_first_and_second_step_by_hand(xp):
     np.testing.assert_allclose(to_numpy(p.data), p2, rtol=1e-12, atol=1e-15,
                                err_msg="second Adam step should use bias corrections 1 - b^2")
     np.testing.assert_allclose(to_numpy(p.data), adam_reference(p0, [g1, g2], 0.1)[0], rtol=1e-12)
-    assert opt.t == 2
+    assert opt.t == 2, "two steps taken"
 
 
 def test_adam_skips_parameters_without_gradient():
@@ -497,7 +513,8 @@ def test_adam_skips_parameters_without_gradient():
     opt = Adam([a, b], lr=0.1)
     a.grad = np.array([1.0, -1.0])
     opt.step()
-    np.testing.assert_array_equal(b.data, np.ones(3), err_msg="a parameter with grad None should not move")
+    np.testing.assert_array_equal(b.data, np.ones(3),
+                                  err_msg="a parameter with grad None should not move")
     np.testing.assert_array_equal(opt.m[1], np.zeros(3), err_msg="...nor its moments")
 
 
@@ -522,7 +539,8 @@ def test_adam_minimises_least_squares():
         opt.step()
     solution = np.linalg.lstsq(A, b, rcond=None)[0]
     np.testing.assert_allclose(x.data, solution, atol=1e-3,
-                               err_msg="Adam should reach the least-squares solution of ||Ax - b||^2")
+                               err_msg="Adam should reach the least-squares solution "
+                                       "of ||Ax - b||^2")
 
 
 def test_adam_clip_norm():
@@ -541,8 +559,10 @@ def test_adam_clip_norm():
                                        err_msg="m should see the clipped gradient g * clip / ||g||")
     scales = [5 / 13, 1.0]
     np.testing.assert_allclose(p.data, adam_reference(p0, grads_p, 0.1, scales=scales)[0],
-                               rtol=1e-12, err_msg="clipped Adam should equal Adam on clipped gradients")
-    np.testing.assert_allclose(q.data, adam_reference(q0, grads_q, 0.1, scales=scales)[0], rtol=1e-12)
+                               rtol=1e-12,
+                               err_msg="clipped Adam should equal Adam on clipped gradients")
+    np.testing.assert_allclose(q.data, adam_reference(q0, grads_q, 0.1, scales=scales)[0],
+                               rtol=1e-12, err_msg="clipping should scale every parameter's grad")
     unclipped = adam_reference(p0, grads_p, 0.1)[0]
     assert not np.allclose(p.data, unclipped), "clipping should change the second step"
     np.testing.assert_array_equal(p.grad, grads_p[1], err_msg="clipping should not modify p.grad")
@@ -591,4 +611,5 @@ def test_adam_zero_grad():
     assert x.grad is None, "zero_grad() should clear the gradients"
     (x * 3).sum().backward()
     np.testing.assert_array_equal(x.grad, [3.0, 3.0],
-                                  err_msg="after zero_grad() the next backward() should not accumulate")
+                                  err_msg="after zero_grad() the next backward() should not "
+                                          "accumulate")

@@ -1,0 +1,517 @@
+"""Tests of the models and objectives in lvae.py (CPU, tiny models, float64).
+
+The central check: the full forward and backward pass of both models (LVAE and the
+bottom-up VAE, with and without batch norm) against central finite differences, for
+the warm-up ELBO and the importance-weighted bound. The noise is made deterministic by
+drawing it from a fresh ``Noise(seed)`` at every evaluation, so the objective is a
+plain function of the parameters.
+
+Then the statistics the paper relies on: L_1 is the ELBO, L_K grows with K, the
+sample KL averages to the analytic KL; the chunked evaluation of L_K; shapes and
+error messages; the analysis helpers; the Noise stream.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import lvae  # noqa: E402
+from autograd import Tensor, no_grad  # noqa: E402
+
+X_DIM = 8
+TINY = dict(x_dim=X_DIM, z_dims=(3, 2), hidden=(5, 4), n_dense=2)
+MODELS = ["lvae", "vae"]
+
+
+def tiny_model(kind="lvae", batch_norm=True, seed=1, **overrides):
+    config = dict(TINY, batch_norm=batch_norm, seed=seed)
+    config.update(overrides)
+    return lvae.build_model(kind, **config).astype(np.float64)
+
+
+def binary_batch(n, x_dim=X_DIM, seed=0):
+    """float64 0/1 images with pixel probabilities that vary per pixel."""
+    rng = np.random.default_rng(seed)
+    probs = np.linspace(0.1, 0.9, x_dim)
+    return (rng.random((n, x_dim)) < probs).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------------
+# Gradients: the whole model against finite differences
+# ----------------------------------------------------------------------------------
+def _objective(model, x, objective, seed=7):
+    """The scalar to check, with noise drawn afresh from Noise(seed): deterministic."""
+    noise = lvae.Noise(seed)
+    if objective == "elbo":
+        value, _ = lvae.elbo(model, x, noise, beta=0.7)  # a warm-up beta: both terms matter
+    else:
+        value, _ = lvae.iw_bound(model, x, noise, samples=4)
+    return value
+
+
+def _check_model_gradients(model, x, objective, entries=None, seed=0):
+    """backward() of the objective against central differences (eps 1e-6) for every
+    parameter; ``entries`` limits the check to that many random entries per parameter."""
+    model.train()
+    for p in model.parameters():
+        p.grad = None
+    _objective(model, x, objective).backward()
+    rng = np.random.default_rng(seed)
+    eps = 1e-6
+    checked = 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert p.grad.shape == p.shape, name
+        flat, grad = p.data.reshape(-1), p.grad.reshape(-1)
+        idx = np.arange(flat.size)
+        if entries is not None and flat.size > entries:
+            idx = rng.choice(flat.size, entries, replace=False)
+        for j in idx:
+            saved = flat[j]
+            with no_grad():
+                flat[j] = saved + eps
+                plus = float(_objective(model, x, objective).data)
+                flat[j] = saved - eps
+                minus = float(_objective(model, x, objective).data)
+            flat[j] = saved
+            numeric = (plus - minus) / (2 * eps)
+            assert abs(grad[j] - numeric) <= 1e-6 + 1e-5 * abs(numeric), (
+                f"{objective}: d/d {name}[{j}]: backward() {grad[j]:.10g}, "
+                f"finite differences {numeric:.10g}")
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("batch_norm", [True, False], ids=["bn", "no_bn"])
+@pytest.mark.parametrize("kind", MODELS)
+def test_elbo_gradients_match_finite_differences(kind, batch_norm):
+    model = tiny_model(kind, batch_norm)
+    x = binary_batch(6)
+    n_params = sum(p.size for p in model.parameters())
+    assert _check_model_gradients(model, x, "elbo") == n_params  # every entry
+
+
+@pytest.mark.parametrize("batch_norm", [True, False], ids=["bn", "no_bn"])
+@pytest.mark.parametrize("kind", MODELS)
+def test_iw_bound_gradients_match_finite_differences(kind, batch_norm):
+    model = tiny_model(kind, batch_norm, seed=2)
+    _check_model_gradients(model, binary_batch(5, seed=1), "iw", entries=4)
+
+
+def test_gradient_check_catches_a_wrong_backward(monkeypatch):
+    """The check above is not vacuous: a wrong gradient in the merge is caught."""
+    import gaussian
+    real = gaussian.merge_backward
+
+    def wrong(g_mu, g_var, *args):
+        grads = real(g_mu, g_var, *args)
+        return (grads[0] * 1.01,) + tuple(grads[1:])
+    monkeypatch.setattr(gaussian, "merge_backward", wrong)
+    with pytest.raises(AssertionError, match="finite differences"):
+        _check_model_gradients(tiny_model("lvae", False), binary_batch(4), "elbo")
+
+
+def test_fixed_noise_makes_the_objective_deterministic():
+    model = tiny_model("lvae")
+    x = binary_batch(6)
+    with no_grad():
+        a = float(_objective(model, x, "elbo").data)
+        b = float(_objective(model, x, "elbo").data)
+        c = float(_objective(model, x, "elbo", seed=8).data)
+    assert a == b
+    assert a != c
+
+
+# ----------------------------------------------------------------------------------
+# The bounds: L_1 = ELBO, L_K increasing in K
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", MODELS)
+def test_iw_bound_with_one_sample_is_the_sample_kl_elbo(kind):
+    model = tiny_model(kind).eval()
+    x = binary_batch(10)
+    with no_grad():
+        value, terms = lvae.iw_bound(model, x, lvae.Noise(3), samples=1)
+        log_w = lvae.log_weights(model, x, lvae.Noise(3), samples=1)
+        log_px, layers = model(x, lvae.Noise(3), samples=1, kl="sample")
+    expected = log_px.data - sum(k.data for k in layers.kl)
+    np.testing.assert_allclose(log_w.data, expected, rtol=1e-12)
+    np.testing.assert_allclose(float(value.data), expected.mean(), rtol=1e-12)
+    np.testing.assert_allclose(terms["elbo"], expected.mean(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_l1_equals_the_elbo_in_expectation(kind):
+    """Mean over many draws of L_1 (sample KL) = mean of the ELBO as trained (analytic
+    KL where possible), within the Monte Carlo error."""
+    model = tiny_model(kind, seed=3).eval()
+    x = binary_batch(40, seed=2)
+    draws = 400
+    with no_grad():
+        l1 = lvae.log_weights(model, x, lvae.Noise(0), draws).data       # (draws, B)
+        log_px, layers = model(x, lvae.Noise(1), samples=draws, kl="analytic")
+        elbo = log_px.data - sum(k.data for k in layers.kl)
+    diff = l1.mean() - elbo.mean()
+    stderr = np.sqrt(l1.var() / l1.size + elbo.var() / elbo.size)
+    assert abs(diff) < 4 * stderr, (diff, stderr)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_lk_increases_with_k(kind):
+    """Mean L_1 < mean L_5 < mean L_50, each gap beyond 4 standard errors of the paired
+    per-image differences (averaged over repeated draws)."""
+    model = tiny_model(kind, seed=4).eval()
+    x = binary_batch(100, seed=3)
+    repeats = 12
+    bounds = {}
+    for k in (1, 5, 50):
+        runs = [lvae.log_likelihood_bound(model, x, k, lvae.Noise(100 * k + r))
+                for r in range(repeats)]
+        bounds[k] = np.mean(runs, axis=0)  # per image
+    for low, high in ((1, 5), (5, 50)):
+        d = bounds[high] - bounds[low]
+        stderr = d.std(ddof=1) / np.sqrt(len(d))
+        assert d.mean() > 4 * stderr > 0, (low, high, d.mean(), stderr)
+
+
+# ----------------------------------------------------------------------------------
+# log_likelihood_bound: chunking and bounded memory
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", MODELS)
+def test_chunking_over_samples_does_not_change_l_k_for_one_layer(kind):
+    """With one stochastic layer, chunks of samples consume the noise stream in the same
+    order as one big draw (rows k of a C-ordered (K, B, units) array), so the result
+    must be the same up to rounding whatever max_rows is."""
+    model = tiny_model(kind, z_dims=(3,), hidden=(5,)).eval()
+    x = binary_batch(7)
+    k = 12
+    reference = lvae.log_likelihood_bound(model, x, k, lvae.Noise(5), batch_size=7,
+                                          max_rows=7 * k)
+    for max_rows in (7 * 5, 7 * 3, 7, 1):  # chunks of 5, 3, 1, 1 samples
+        got = lvae.log_likelihood_bound(model, x, k, lvae.Noise(5), batch_size=7,
+                                        max_rows=max_rows)
+        np.testing.assert_allclose(got, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_and_unchunked_l_k_agree_statistically():
+    """With several layers the chunks draw the noise in another order, so the estimates
+    differ per image but must agree on average."""
+    model = tiny_model("lvae", seed=5).eval()
+    x = binary_batch(200, seed=4)
+    one = lvae.log_likelihood_bound(model, x, 10, lvae.Noise(1), batch_size=200,
+                                    max_rows=2000)
+    many = lvae.log_likelihood_bound(model, x, 10, lvae.Noise(2), batch_size=200,
+                                     max_rows=600)  # chunks of 3, 3, 3, 1 samples
+    d = one - many
+    assert np.all(np.isfinite(one)) and np.all(np.isfinite(many))
+    assert abs(d.mean()) < 4 * d.std(ddof=1) / np.sqrt(len(d)) + 1e-12
+
+
+def test_l1_bound_equals_the_elbo_estimate():
+    """L_1 of log_likelihood_bound is the one-sample ELBO estimate (sample KL) in
+    evaluation mode, with the same draws."""
+    model = tiny_model("lvae").train()
+    x = binary_batch(9)
+    bound = lvae.log_likelihood_bound(model, x, 1, lvae.Noise(6), batch_size=9)
+    assert model.training  # restored
+    model.eval()
+    with no_grad():
+        log_w = lvae.log_weights(model, x, lvae.Noise(6), 1).data[0]
+        _, terms = lvae.iw_bound(model, x, lvae.Noise(6), 1)
+    np.testing.assert_allclose(bound, log_w, rtol=1e-12)
+    np.testing.assert_allclose(bound.mean(), terms["elbo"], rtol=1e-12)
+
+
+def test_log_likelihood_bound_memory_is_bounded_by_max_rows(monkeypatch):
+    shapes = []
+    real = lvae.Noise.normal
+
+    def recording(self, shape, like):
+        shapes.append(tuple(shape))
+        return real(self, shape, like)
+    monkeypatch.setattr(lvae.Noise, "normal", recording)
+    model = tiny_model("lvae").eval()
+    x = binary_batch(25)
+    samples, max_rows, batch_size = 100, 40, 10
+    calls = []
+    bound = lvae.log_likelihood_bound(model, x, samples, lvae.Noise(0), batch_size=batch_size,
+                                      max_rows=max_rows,
+                                      progress=lambda done, total: calls.append((done, total)))
+    assert bound.shape == (25,) and np.all(np.isfinite(bound))
+    rows = [int(np.prod(s[:-1])) for s in shapes]
+    assert max(rows) <= max_rows
+    # every (sample, image) pair was drawn exactly once per layer
+    assert sum(rows) == samples * len(x) * model.n_layers
+    assert calls == [(10, 25), (20, 25), (25, 25)]
+
+
+def test_log_likelihood_bound_with_more_images_than_max_rows(monkeypatch):
+    """A batch larger than max_rows still works (one sample per chunk)."""
+    shapes = []
+    real = lvae.Noise.normal
+    monkeypatch.setattr(lvae.Noise, "normal",
+                        lambda self, shape, like: shapes.append(shape) or real(self, shape, like))
+    model = tiny_model("vae").eval()
+    bound = lvae.log_likelihood_bound(model, binary_batch(30), 3, lvae.Noise(0),
+                                      batch_size=30, max_rows=8)
+    assert bound.shape == (30,)
+    assert max(int(np.prod(s[:-1])) for s in shapes) == 30
+
+
+# ----------------------------------------------------------------------------------
+# KL: analytic vs sample
+# ----------------------------------------------------------------------------------
+def test_lvae_sample_kl_averages_to_analytic_kl():
+    """Same noise seed -> the same z samples; given z_i+1, the mean over samples of
+    log q(z_i) - log p(z_i) is the analytic KL of that layer."""
+    model = tiny_model("lvae", z_dims=(3, 2, 2), hidden=(5, 4, 4), seed=6).eval()
+    x = binary_batch(4)
+    k = 4000
+    with no_grad():
+        _, analytic = model(x, lvae.Noise(9), samples=k, kl="analytic")
+        _, sample = model(x, lvae.Noise(9), samples=k, kl="sample")
+    for i in range(model.n_layers):
+        np.testing.assert_array_equal(analytic.z[i].data, sample.z[i].data)
+        a, s = analytic.kl[i].data, sample.kl[i].data           # (K, B)
+        assert np.all(a >= 0)
+        d = s - a                                               # zero mean, per image
+        stderr = d.std(axis=0, ddof=1) / np.sqrt(k)
+        assert np.all(np.abs(d.mean(axis=0)) < 4.5 * stderr + 1e-12), (i, d.mean(0), stderr)
+        # and per unit too
+        du = (sample.kl_units[i].data - analytic.kl_units[i].data).reshape(k, -1)
+        se_u = du.std(axis=0, ddof=1) / np.sqrt(k)
+        assert np.all(np.abs(du.mean(axis=0)) < 4.5 * se_u + 1e-12), i
+
+
+def test_vae_lower_kls_are_always_sample_estimates():
+    model = tiny_model("vae", seed=6).eval()
+    x = binary_batch(4)
+    k = 4000
+    with no_grad():
+        _, analytic = model(x, lvae.Noise(9), samples=k, kl="analytic")
+        _, sample = model(x, lvae.Noise(9), samples=k, kl="sample")
+    np.testing.assert_array_equal(analytic.kl[0].data, sample.kl[0].data)
+    top_a, top_s = analytic.kl[1].data, sample.kl[1].data
+    assert not np.array_equal(top_a, top_s)
+    d = top_s - top_a
+    assert np.all(np.abs(d.mean(0)) < 4.5 * d.std(0, ddof=1) / np.sqrt(k))
+
+
+# ----------------------------------------------------------------------------------
+# Shapes and errors
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kl", ["analytic", "sample"])
+@pytest.mark.parametrize("samples", [1, 4])
+@pytest.mark.parametrize("kind", MODELS)
+def test_forward_shapes(kind, samples, kl):
+    model = tiny_model(kind)
+    b = 6
+    log_px, layers = model(binary_batch(b), lvae.Noise(0), samples=samples, kl=kl)
+    assert log_px.shape == (samples, b)
+    assert layers.logits.shape == (samples, b, X_DIM)
+    for name in ("z", "mu_q", "var_q", "mu_p", "var_p", "kl_units", "kl"):
+        assert len(getattr(layers, name)) == model.n_layers, name
+    for i, units in enumerate(model.z_dims):
+        # posteriors computed from x alone have no sample axis; the others have one
+        no_sample_axis = (kind == "lvae" and i == model.n_layers - 1) or (kind == "vae" and i == 0)
+        assert layers.z[i].shape == (samples, b, units)
+        # the analytic KL of a posterior without a sample axis has none either (it
+        # broadcasts against the other layers' (K, B) terms)
+        lead = (b,) if (kl == "analytic" and no_sample_axis
+                        and i == model.n_layers - 1) else (samples, b)
+        assert layers.kl_units[i].shape == lead + (units,), (i, layers.kl_units[i].shape)
+        assert layers.kl[i].shape == lead
+        expected = (b, units) if no_sample_axis else (samples, b, units)
+        assert layers.mu_q[i].shape == expected, (i, layers.mu_q[i].shape)
+        assert layers.var_q[i].shape == expected
+        assert np.all(layers.var_q[i].data > 0)
+        if i < model.n_layers - 1:
+            assert layers.mu_p[i].shape == (samples, b, units)
+            assert np.all(layers.var_p[i].data > 0)
+        else:
+            assert layers.mu_p[i] is None and layers.var_p[i] is None
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_elbo_terms(kind):
+    model = tiny_model(kind)
+    objective, terms = lvae.elbo(model, binary_batch(6), lvae.Noise(0), beta=1.0)
+    assert objective.shape == ()
+    assert len(terms["kl"]) == model.n_layers
+    np.testing.assert_allclose(terms["elbo"], terms["log_px"] - sum(terms["kl"]), rtol=1e-12)
+    np.testing.assert_allclose(float(objective.data), terms["elbo"], rtol=1e-12)
+    assert terms["log_px"] < 0
+
+
+def test_build_model_unknown_name():
+    with pytest.raises(ValueError, match=r"unknown model 'ladder'.*lvae.*vae"):
+        lvae.build_model("ladder", **TINY)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_wrong_input_shape_names_the_expected_shape(kind):
+    model = tiny_model(kind)
+    with pytest.raises(ValueError, match=r"expected a batch of shape \(B, 8\).*\(4, 9\)"):
+        model(np.zeros((4, X_DIM + 1)), lvae.Noise(0))
+    with pytest.raises(ValueError, match=r"\(B, 8\)"):
+        model(np.zeros(X_DIM), lvae.Noise(0))
+
+
+def test_bad_forward_arguments():
+    model = tiny_model("lvae")
+    with pytest.raises(ValueError, match="kl must be"):
+        model(binary_batch(2), lvae.Noise(0), kl="exact")
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        model(binary_batch(2), lvae.Noise(0), samples=0)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_z_dims_hidden_length_mismatch(kind):
+    with pytest.raises(ValueError, match="same length"):
+        lvae.build_model(kind, x_dim=8, z_dims=(3, 2), hidden=(5,))
+    with pytest.raises(ValueError, match="non-empty"):
+        lvae.build_model(kind, x_dim=8, z_dims=(), hidden=())
+    with pytest.raises(ValueError, match="positive"):
+        lvae.build_model(kind, x_dim=8, z_dims=(3, 0), hidden=(5, 4))
+
+
+@pytest.mark.parametrize("n_layers", [1, 3, 6])
+@pytest.mark.parametrize("kind", MODELS)
+def test_one_to_six_layers_build_and_train(kind, n_layers):
+    z_dims = tuple(range(n_layers + 1, 1, -1))          # e.g. (4, 3, 2)
+    hidden = tuple(range(n_layers + 4, 4, -1))
+    model = tiny_model(kind, z_dims=z_dims, hidden=hidden, n_dense=1)
+    assert model.n_layers == n_layers
+    x = binary_batch(5)
+    objective, terms = lvae.elbo(model, x, lvae.Noise(0))
+    objective.backward()
+    assert len(terms["kl"]) == n_layers
+    assert all(p.grad is not None and np.all(np.isfinite(p.grad)) for p in model.parameters())
+    value, _ = lvae.iw_bound(model, x, lvae.Noise(0), samples=3)
+    assert np.isfinite(float(value.data))
+    assert lvae.log_likelihood_bound(model, x, 4).shape == (5,)
+
+
+def test_default_model_is_the_papers():
+    model = lvae.build_model("lvae", batch_norm=True)
+    assert model.z_dims == lvae.PAPER_Z_DIMS
+    assert model.config["hidden"] == lvae.PAPER_HIDDEN
+    assert model.config["model"] == "lvae"
+
+
+# ----------------------------------------------------------------------------------
+# Analysis helpers
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("kind", MODELS)
+def test_analysis_helpers_restore_mode_and_leave_state_alone(kind, training):
+    model = tiny_model(kind).train(training)
+    before = model.state_dict()
+    x = binary_batch(20)
+
+    kl = lvae.kl_per_unit(model, x, lvae.Noise(0))
+    assert [k.shape for k in kl] == [(u,) for u in model.z_dims]
+    assert model.training == training
+
+    activity, counts = lvae.active_units(model, x, lvae.Noise(0))
+    assert [a.shape for a in activity] == [(u,) for u in model.z_dims]
+    assert all(0 <= c <= u for c, u in zip(counts, model.z_dims))
+    assert all(isinstance(c, int) for c in counts)
+    assert model.training == training
+
+    images = lvae.sample_prior(model, 7, lvae.Noise(0))
+    assert images.shape == (7, X_DIM)
+    assert images.min() >= 0 and images.max() <= 1
+    assert model.training == training
+
+    recon = lvae.reconstruct(model, x, lvae.Noise(0))
+    assert recon.shape == (20, X_DIM)
+    assert recon.min() >= 0 and recon.max() <= 1
+    assert model.training == training
+
+    means = lvae.posterior_means(model, x, lvae.Noise(0))
+    assert [m.shape for m in means] == [(20, u) for u in model.z_dims]
+    assert model.training == training
+
+    after = model.state_dict()  # evaluation mode: batch-norm statistics untouched
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_kl_per_unit_is_the_mean_analytic_kl():
+    model = tiny_model("lvae").eval()
+    x = binary_batch(10)
+    kl = lvae.kl_per_unit(model, x, lvae.Noise(2))
+    with no_grad():
+        _, layers = model(x, lvae.Noise(2))
+    for i, k in enumerate(kl):
+        assert np.all(k >= 0)
+        units = layers.kl_units[i].data.reshape(-1, model.z_dims[i])  # (K*B or B, units)
+        np.testing.assert_allclose(k, units.mean(axis=0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("batch_norm", [True, False], ids=["bn", "no_bn"])
+def test_a_unit_with_constant_posterior_mean_is_inactive(batch_norm):
+    model = tiny_model("lvae", batch_norm=batch_norm)
+    top = model.n_layers - 1
+    # the top posterior mean is the bottom-up head's mean: make unit 0 ignore x
+    model.up_heads[top].mean_dense.weight.data[:, 0] = 0
+    x = binary_batch(50)
+    activity, counts = lvae.active_units(model, x, lvae.Noise(0), threshold=0.0)
+    assert activity[top][0] < 1e-20
+    assert np.all(activity[top][1:] > 0)
+    assert counts[top] == model.z_dims[top] - 1
+    # with the default threshold 0.01 the count can only be lower
+    _, default_counts = lvae.active_units(model, x, lvae.Noise(0))
+    assert default_counts[top] <= counts[top]
+    # a unit whose posterior mean varies strongly with x is active
+    model.up_heads[top].mean_dense.weight.data[:, 1] *= 50
+    activity, counts = lvae.active_units(model, x, lvae.Noise(0))
+    assert activity[top][1] > 0.01 and counts[top] >= 1
+
+
+def test_sample_prior_is_reproducible_and_uses_the_noise():
+    model = tiny_model("lvae")
+    a = lvae.sample_prior(model, 5, lvae.Noise(1))
+    b = lvae.sample_prior(model, 5, lvae.Noise(1))
+    c = lvae.sample_prior(model, 5, lvae.Noise(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+# ----------------------------------------------------------------------------------
+# Noise
+# ----------------------------------------------------------------------------------
+def test_noise_same_seed_same_draws():
+    like = np.zeros(1, np.float64)
+    a, b, c = lvae.Noise(4), lvae.Noise(4), lvae.Noise(5)
+    x, y, z = a.normal((3, 2), like), b.normal((3, 2), like), c.normal((3, 2), like)
+    np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(x, z)
+    assert x.dtype == np.float64
+    assert a.normal((2,), np.zeros(1, np.float32)).dtype == np.float32
+
+
+def test_noise_state_round_trip_through_json():
+    like = np.zeros(1, np.float64)
+    noise = lvae.Noise(11)
+    noise.normal((5,), like)
+    state = json.loads(json.dumps(noise.get_state()))  # as stored in a checkpoint
+    expected = noise.normal((4, 3), like)
+    noise.normal((7,), like)
+    noise.set_state(state)
+    np.testing.assert_array_equal(noise.normal((4, 3), like), expected)
+    other = lvae.Noise(0)
+    other.set_state(state)
+    np.testing.assert_array_equal(other.normal((4, 3), like), expected)
+
+
+def test_noise_state_is_a_copy():
+    like = np.zeros(1, np.float64)
+    noise = lvae.Noise(1)
+    state = noise.get_state()
+    first = noise.normal((3,), like)
+    noise.set_state(state)
+    np.testing.assert_array_equal(noise.normal((3,), like), first)

@@ -1,0 +1,491 @@
+"""Tests of the training script (train.py), its checkpoints (checkpoint.py) and the
+evaluation script (evaluate.py), on a tiny model and a small synthetic data set.
+
+train.py keeps its configuration as module globals that ``--key=value`` overrides
+change, so every run reloads the module first. ``data.load_dataset`` is replaced by a
+function returning 500 train / 128 test random grey-level images of 784 pixels.
+
+The resume tests compare a run that was stopped (at the end of an epoch, in the middle
+of one, during the end-of-epoch evaluation) and started again with one that ran
+straight through: every array of the checkpoint (weights, batch-norm statistics, Adam
+moments) must be bit-for-bit identical, and so must the metrics (but the timings).
+"""
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import autograd  # noqa: E402
+import checkpoint  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import layers  # noqa: E402
+import lvae  # noqa: E402
+import train  # noqa: E402
+
+TINY = ["--z_dims=4,2", "--hidden=16,8", "--n_dense=1", "--batch_size=64",
+        "--eval_lk_samples=5", "--final_lk_samples=5", "--final_lk_images=20",
+        "--warmup=3", "--log_interval=3"]
+STEPS_PER_EPOCH = 8  # ceil(500 / 64), the last batch has 52 images
+PLOTS = ["learning_curves.png", "kl_per_layer.png", "kl_per_unit.png", "samples.png",
+         "reconstructions.png"]
+
+
+def _synthetic_dataset():
+    rng = np.random.default_rng(0)
+    # grey levels with some structure: a per-pixel base level plus noise
+    base = rng.random(784, dtype=np.float32)
+
+    def images(n):
+        return np.clip(base + 0.3 * rng.standard_normal((n, 784)), 0, 1).astype(np.float32)
+    return data.Dataset(images(500), None, images(128), None, "synthetic")
+
+
+SYNTHETIC = _synthetic_dataset()
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+    """Replace data.load_dataset (seen by train.py and evaluate.py) for 'mnist'."""
+    real = data.load_dataset
+
+    def load(name, root=None):
+        return SYNTHETIC if name == "mnist" else real(name, root)
+    monkeypatch.setattr(data, "load_dataset", load)
+    return SYNTHETIC
+
+
+@pytest.fixture
+def run(fake_data, monkeypatch):
+    """run(out_dir, *overrides, final=False): a fresh train module, then main().
+
+    final=False skips the plots and final evaluation (they do not touch the
+    checkpoint) to keep the resume tests fast.
+    """
+    def _run(out_dir, *overrides, final=False):
+        importlib.reload(train)
+        if not final:
+            monkeypatch.setattr(train, "finalize", lambda *args: None)
+        return train.main([*TINY, f"--out_dir={out_dir}", *overrides])
+    yield _run
+    importlib.reload(train)  # leave a clean module behind
+
+
+def read_ckpt(out_dir):
+    with np.load(os.path.join(out_dir, "ckpt.npz"), allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    return arrays, meta
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timings(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def assert_same_checkpoint(dir_a, dir_b):
+    a, meta_a = read_ckpt(dir_a)
+    b, meta_b = read_ckpt(dir_b)
+    assert sorted(a) == sorted(b)
+    different = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not different, f"arrays differ: {different[:5]}"
+    for key in ("epoch", "step", "noise_rng", "data_rng"):
+        assert meta_a[key] == meta_b[key], key
+    assert without_timings(meta_a["history"]) == without_timings(meta_b["history"])
+
+
+def assert_no_tmp_files(out_dir):
+    leftovers = [p.name for p in Path(out_dir).iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+
+
+class CallCounter:
+    """Wrap a function so that it raises ``exc`` on call number ``at`` (1-based),
+    counting only the calls for which ``when(*args)`` is true."""
+
+    def __init__(self, func, at, exc=KeyboardInterrupt, when=None):
+        self.func, self.at, self.exc, self.when, self.calls = func, at, exc, when, 0
+
+    def __call__(self, *args, **kwargs):
+        if self.when is None or self.when(*args):
+            self.calls += 1
+            if self.calls == self.at:
+                raise self.exc()
+        return self.func(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------
+# A full run
+# ----------------------------------------------------------------------------------
+def test_full_run_writes_checkpoint_metrics_final_and_plots(run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--epochs=2", "--eval_interval=1", final=True) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 2:" in printed and "final: L_5" in printed
+
+    for name in ["ckpt.npz", "metrics.jsonl", "final.json"] + PLOTS:
+        assert (out / name).is_file(), name
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert_no_tmp_files(out)
+
+    metrics = read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert {"epoch", "beta", "train_elbo", "train_log_px", "kl", "seconds", "test_elbo",
+                "test_lk", "lk_samples"} <= set(m)
+        assert len(m["kl"]) == 2 and all(k >= 0 for k in m["kl"])
+        assert m["lk_samples"] == 5
+        assert np.isfinite(m["train_elbo"]) and m["train_elbo"] < 0
+        assert m["test_lk"] >= m["test_elbo"] - 1.0  # L_5 is (about) above the ELBO
+    assert [m["beta"] for m in metrics] == [0.0, pytest.approx(1 / 3)]
+
+    final = json.loads((out / "final.json").read_text())
+    assert set(final) >= {"active_units", "test_elbo", "test_lk", "lk_samples", "lk_images"}
+    assert final["lk_samples"] == 5 and final["lk_images"] == 20
+    assert len(final["active_units"]) == 2
+    assert all(0 <= c <= u for c, u in zip(final["active_units"], (4, 2)))
+
+    arrays, meta = read_ckpt(out)  # no pickle needed
+    assert meta["epoch"] == 2 and meta["step"] == 0
+    assert meta["config"]["z_dims"] == [4, 2] and meta["config"]["model"] == "lvae"
+    assert any(k.startswith("model/") for k in arrays) and "optim/t" in arrays
+    assert int(arrays["optim/t"]) == 2 * STEPS_PER_EPOCH
+    assert len(meta["history"]) == 2
+
+
+def test_vae_with_iw_objective_and_no_batch_norm(run, tmp_path):
+    out = tmp_path / "vae"
+    assert run(out, "--model=vae", "--iw_samples=3", "--batch_norm=false", "--epochs=1") == 0
+    arrays, meta = read_ckpt(out)
+    assert meta["config"]["model"] == "vae" and meta["config"]["batch_norm"] is False
+    assert not any("norm" in k for k in arrays)
+    assert np.isfinite(read_metrics(out)[0]["train_elbo"])
+
+
+def test_init_from_loads_weights_only(run, tmp_path):
+    assert run(tmp_path / "a", "--epochs=1") == 0
+    importlib.reload(train)
+    assert run(tmp_path / "b", "--epochs=1", "--lr=0",
+               f"--init_from={tmp_path / 'a' / 'ckpt.npz'}") == 0
+    a, _ = read_ckpt(tmp_path / "a")
+    b, meta_b = read_ckpt(tmp_path / "b")
+    assert meta_b["epoch"] == 1  # a fresh run, not a resume of a
+    # lr=0: the weights stay those loaded (batch-norm statistics move on)
+    weights = [k for k in a if k.startswith("model/") and "running" not in k]
+    assert weights and all(np.array_equal(a[k], b[k]) for k in weights)
+
+
+# ----------------------------------------------------------------------------------
+# Resuming
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("eval_interval", [2, 10])
+def test_resume_after_a_finished_run_continues_identically(run, tmp_path, eval_interval):
+    """4 epochs straight = 2 epochs, then the same command with --epochs=4. With
+    eval_interval=10 only the stopped run evaluates at epoch 2: evaluations must not
+    change the training stream."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    flags = [f"--eval_interval={eval_interval}"]
+    assert run(straight, "--epochs=4", *flags) == 0
+    assert run(resumed, "--epochs=2", *flags) == 0
+    assert read_ckpt(resumed)[1]["epoch"] == 2
+    assert run(resumed, "--epochs=4", *flags) == 0
+    a, b = read_ckpt(straight), read_ckpt(resumed)
+    assert a[1]["epoch"] == b[1]["epoch"] == 4
+    different = [k for k in a[0] if not np.array_equal(a[0][k], b[0][k])]
+    assert not different, f"arrays differ: {different[:5]}"
+    assert a[1]["noise_rng"] == b[1]["noise_rng"]
+    ma, mb = without_timings(read_metrics(straight)), without_timings(read_metrics(resumed))
+    if eval_interval == 2:
+        assert ma == mb
+    else:  # the stopped run also evaluated at its last epoch (2): compare the rest
+        train_keys = ("epoch", "beta", "train_elbo", "train_log_px", "kl")
+        assert [{k: r[k] for k in train_keys} for r in ma] == \
+               [{k: r[k] for k in train_keys} for r in mb]
+        assert ma[3] == mb[3]
+        assert "test_elbo" in mb[1] and "test_elbo" not in ma[1]
+
+
+def test_running_again_after_the_last_epoch_does_nothing(run, tmp_path):
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1") == 0
+    before = read_ckpt(out)[0]
+    assert run(out, "--epochs=1") == 0
+    after = read_ckpt(out)[0]
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert len(read_metrics(out)) == 1
+
+
+@pytest.mark.parametrize("interrupt_at", [3, STEPS_PER_EPOCH + 5])
+def test_interrupt_in_optimizer_step_then_resume_is_identical(run, tmp_path, monkeypatch,
+                                                               interrupt_at):
+    """Ctrl-C arrives in the k-th optimiser step (before it changes anything): the
+    checkpoint holds the k-1 steps done, and resuming gives the uninterrupted run."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(straight, "--epochs=2") == 0
+
+    counter = CallCounter(layers.Adam.step, interrupt_at)
+    monkeypatch.setattr(layers.Adam, "step", counter)
+    assert run(stopped, "--epochs=2") == 1  # main reports the interruption
+    monkeypatch.setattr(layers.Adam, "step", counter.func)
+    assert_no_tmp_files(stopped)
+    arrays, meta = read_ckpt(stopped)
+    done = interrupt_at - 1
+    assert (meta["epoch"], meta["step"]) == divmod(done, STEPS_PER_EPOCH)
+    assert int(arrays["optim/t"]) == done
+    assert meta["sums"]["n"] == 64 * (done % STEPS_PER_EPOCH)
+
+    assert run(stopped, "--epochs=2") == 0
+    assert_same_checkpoint(straight, stopped)
+    assert without_timings(read_metrics(straight)) == without_timings(read_metrics(stopped))
+
+
+def test_interrupt_in_forward_pass_then_resume_is_identical(run, tmp_path, monkeypatch):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(straight, "--epochs=2") == 0
+    counter = CallCounter(lvae.elbo, STEPS_PER_EPOCH + 2, when=lambda net, *a: net.training)
+    monkeypatch.setattr(lvae, "elbo", counter)
+    assert run(stopped, "--epochs=2") == 1
+    monkeypatch.setattr(lvae, "elbo", counter.func)
+    _, meta = read_ckpt(stopped)
+    assert (meta["epoch"], meta["step"]) == (1, 1)
+    assert run(stopped, "--epochs=2") == 0
+    assert_same_checkpoint(straight, stopped)
+
+
+def test_interrupt_twice_then_resume_is_identical(run, tmp_path, monkeypatch):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(straight, "--epochs=3") == 0
+    real = layers.Adam.step
+    for at in (4, 7):  # optimiser steps 4 (epoch 1) and 3 + 7 = 10 (epoch 2)
+        monkeypatch.setattr(layers.Adam, "step", CallCounter(real, at))
+        assert run(stopped, "--epochs=3") == 1
+    monkeypatch.setattr(layers.Adam, "step", real)
+    assert read_ckpt(stopped)[1]["step"] == 9 - STEPS_PER_EPOCH
+    assert run(stopped, "--epochs=3") == 0
+    assert_same_checkpoint(straight, stopped)
+
+
+def test_interrupt_during_end_of_epoch_evaluation_then_resume_is_identical(
+        run, tmp_path, monkeypatch):
+    """Ctrl-C while epoch 2 is being evaluated: the epoch's training is done but not
+    recorded. Resuming must record epoch 2 once, then train epoch 3, as straight."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    flags = ["--epochs=3", "--eval_interval=2"]
+    assert run(straight, *flags) == 0
+    counter = CallCounter(lvae.log_likelihood_bound, 1)
+    monkeypatch.setattr(lvae, "log_likelihood_bound", counter)
+    assert run(stopped, *flags) == 1
+    monkeypatch.setattr(lvae, "log_likelihood_bound", counter.func)
+    assert [m["epoch"] for m in read_metrics(stopped)] == [1]
+    assert run(stopped, *flags) == 0
+    assert [m["epoch"] for m in read_metrics(stopped)] == [1, 2, 3]
+    assert_same_checkpoint(straight, stopped)
+    assert without_timings(read_metrics(straight)) == without_timings(read_metrics(stopped))
+
+
+def test_interrupt_before_the_first_step_saves_nothing(run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(layers.Adam, "step", CallCounter(layers.Adam.step, 1))
+    assert run(out, "--epochs=1") == 1
+    assert not (out / "ckpt.npz").exists()
+
+
+# ----------------------------------------------------------------------------------
+# Checkpoint files
+# ----------------------------------------------------------------------------------
+def test_checkpoint_write_is_atomic(run, tmp_path, monkeypatch):
+    """A failure while writing leaves the previous checkpoint intact and no .tmp file."""
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1") == 0
+    before = (out / "ckpt.npz").read_bytes()
+
+    def failing_savez(f, **arrays):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint.np, "savez", failing_savez)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, "--epochs=2")  # the end-of-epoch save fails
+    monkeypatch.undo()
+    assert (out / "ckpt.npz").read_bytes() == before
+    assert_no_tmp_files(out)
+    read_ckpt(out)
+
+
+def test_truncated_checkpoint_is_a_clear_error(run, tmp_path):
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1") == 0
+    path = out / "ckpt.npz"
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="ckpt.npz.*corrupt"):
+        run(out, "--epochs=2")
+    with pytest.raises(checkpoint.CheckpointError, match=str(path)):
+        checkpoint.read_config(str(path))
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        run(out, "--epochs=2")
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        checkpoint.read_config(str(out / "missing.npz"))
+
+
+@pytest.mark.parametrize("change", ["--z_dims=3,2", "--hidden=16,4", "--model=vae",
+                                    "--n_dense=2", "--batch_norm=false"])
+def test_resume_with_another_architecture_is_a_clear_error(run, tmp_path, change):
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1") == 0
+    key = change[2:].split("=")[0]
+    with pytest.raises(checkpoint.CheckpointError, match=f"trained with {key}=.*another out_dir"):
+        run(out, "--epochs=2", change)
+
+
+# ----------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------
+def test_unknown_option_lists_the_valid_ones(run, tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown option 'epoch'.*epochs.*batch_size"):
+        run(tmp_path, "--epoch=3")
+
+
+@pytest.mark.parametrize("arg, pattern", [
+    ("--epochs=abc", r"--epochs expects a int like 2000, got 'abc'"),
+    ("--lr=fast", r"--lr expects a float"),
+    ("--batch_norm=maybe", r"--batch_norm expects a bool"),
+    ("--z_dims=4,x", r"--z_dims expects a tuple"),
+])
+def test_wrong_type_names_the_key_and_the_type(run, tmp_path, arg, pattern):
+    with pytest.raises(SystemExit, match=pattern):
+        run(tmp_path, arg)
+
+
+@pytest.mark.parametrize("arg", ["--epochs", "epochs=3", "-epochs=3"])
+def test_malformed_argument(run, tmp_path, arg):
+    with pytest.raises(SystemExit, match="--key=value"):
+        run(tmp_path, arg)
+
+
+def test_overrides_are_parsed_with_the_defaults_types(fake_data):
+    importlib.reload(train)
+    namespace = {k: getattr(train, k) for k in train.config_keys}
+    train.apply_overrides(["--epochs=7", "--lr=1e-3", "--batch_norm=False", "--z_dims=8,4,2",
+                           "--out_dir=x=y"], namespace)
+    assert namespace["epochs"] == 7 and isinstance(namespace["epochs"], int)
+    assert namespace["lr"] == 1e-3 and namespace["batch_norm"] is False
+    assert namespace["z_dims"] == (8, 4, 2) and namespace["out_dir"] == "x=y"
+
+
+def test_overrides_do_not_leak_after_reload(run, tmp_path):
+    assert run(tmp_path / "a", "--epochs=1", "--seed=5") == 0
+    importlib.reload(train)
+    assert train.seed == 0 and train.epochs == 2000
+
+
+@pytest.mark.skipif(autograd.cuda_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_a_clear_error(run, tmp_path):
+    with pytest.raises(RuntimeError, match="device 'cuda'.*not available"):
+        run(tmp_path / "run", "--device=cuda")
+
+
+def test_unknown_device_model_and_dataset(run, tmp_path):
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        run(tmp_path / "a", "--device=tpu")
+    with pytest.raises(ValueError, match=r"unknown model 'ladder'.*lvae"):
+        run(tmp_path / "b", "--model=ladder")
+    with pytest.raises(data.DataError, match=r"unknown data set 'cifar'.*mnist"):
+        run(tmp_path / "c", "--dataset=cifar")
+
+
+# ----------------------------------------------------------------------------------
+# NaN handling
+# ----------------------------------------------------------------------------------
+def _nan_elbo(at, term):
+    """lvae.elbo whose terms get a NaN at training call number ``at``."""
+    real = lvae.elbo
+    calls = [0]
+
+    def elbo(net, x, noise, beta=1.0):
+        objective, terms = real(net, x, noise, beta)
+        if net.training:
+            calls[0] += 1
+            if calls[0] == at:
+                if term == "log_px":
+                    terms["log_px"] = np.float32("nan")
+                else:
+                    terms["kl"] = list(terms["kl"])
+                    terms["kl"][term] = np.float32("nan")
+        return objective, terms
+    return elbo
+
+
+def test_nan_kl_stops_with_the_layer_name_and_keeps_the_last_good_checkpoint(
+        run, tmp_path, monkeypatch):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    assert run(good, "--epochs=1") == 0
+    monkeypatch.setattr(lvae, "elbo", _nan_elbo(STEPS_PER_EPOCH + 3, term=1))
+    with pytest.raises(FloatingPointError, match=r"epoch 2, step 3.*layer z2.*ckpt\.npz"):
+        run(bad, "--epochs=3")
+    assert_no_tmp_files(bad)
+    a, meta = read_ckpt(bad)
+    assert meta["epoch"] == 1 and meta["step"] == 0
+    b, _ = read_ckpt(good)
+    # the weights of the last completed epoch (evaluation at the end of the 1-epoch run
+    # moves only the noise stream)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert [m["epoch"] for m in read_metrics(bad)] == [1]
+
+
+def test_nan_reconstruction_term_in_the_first_epoch(run, tmp_path, monkeypatch):
+    out = tmp_path / "bad"
+    monkeypatch.setattr(lvae, "elbo", _nan_elbo(2, term="log_px"))
+    with pytest.raises(FloatingPointError, match=r"reconstruction term log p\(x\|z1\)"):
+        run(out, "--epochs=2")
+    assert not (out / "ckpt.npz").exists()
+
+
+# ----------------------------------------------------------------------------------
+# evaluate.py
+# ----------------------------------------------------------------------------------
+def test_evaluate_main_on_a_tiny_checkpoint(run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1", "--eval_interval=0", "--eval_lk_samples=0") == 0
+    capsys.readouterr()
+    ckpt = str(out / "ckpt.npz")
+    result = evaluate.main([ckpt, "--samples=7", "--images=30", "--batch_size=16"])
+    printed = capsys.readouterr().out
+    assert result["samples"] == 7 and result["images"] == 30
+    assert np.isfinite(result["test_lk"]) and result["test_lk"] < 0
+    assert result["stderr"] > 0
+    assert "L_7 =" in printed
+    assert json.loads(printed.strip().splitlines()[-1])["test_lk"] == result["test_lk"]
+    # deterministic given --seed
+    again = evaluate.main([ckpt, "--samples=7", "--images=30", "--batch_size=16"])
+    assert again["test_lk"] == result["test_lk"]
+    # without recomputing batch-norm statistics: runs, gives another number
+    kept = evaluate.main([ckpt, "--samples=7", "--images=30", "--no_bn_recompute"])
+    assert np.isfinite(kept["test_lk"]) and kept["test_lk"] != result["test_lk"]
+
+
+def test_evaluate_rebuilds_the_trained_model(run, tmp_path):
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1", "--model=vae") == 0
+    net, config = evaluate.load_model(str(out / "ckpt.npz"))
+    assert isinstance(net, lvae.HierarchicalVAE) and config["z_dims"] == [4, 2]
+    arrays, _ = read_ckpt(out)
+    state = net.state_dict()
+    assert all(np.array_equal(state[k], arrays["model/" + k]) for k in state)
+
+
+def test_evaluate_bad_checkpoint(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        evaluate.main([str(tmp_path / "nothing.npz"), "--samples=2"])
