@@ -29,11 +29,16 @@ def save(path, model, optimizer, noise, config, history, progress):
             "history": history, **progress}
     arrays["meta"] = np.array(json.dumps(meta))
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed write (disk full, Ctrl-C) leaves no half file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _read(path):

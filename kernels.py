@@ -162,3 +162,26 @@ def log_normal_forward(z, mu, var):
 def log_normal_backward(g, z, mu, var):
     """Gradients of log N(z; mu, var) for (z, mu, var), one kernel."""
     return _call("lvae_log_normal_bwd", g, z, mu, var)
+
+
+# ----------------------------------------------------------------------------------
+# Adam: the whole update of one parameter in one kernel (layers.Adam uses it on a GPU)
+# ----------------------------------------------------------------------------------
+ADAM_BODY = """
+const T g = grad * scale;
+m = b1 * m + ((T)1 - b1) * g;
+v = b2 * v + ((T)1 - b2) * g * g;
+p -= step_size * m / (sqrt(v) + eps_hat);
+"""
+_adam = None
+
+
+def adam_update(p, grad, m, v, scale, b1, b2, step_size, eps_hat):
+    """In place: m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, p -= step_size m / (sqrt(v) + eps_hat),
+    with g = scale * grad; the eleven array operations of the plain code in one pass."""
+    global _adam
+    if _adam is None:
+        _adam = cupy.ElementwiseKernel(
+            "T grad, T scale, T b1, T b2, T step_size, T eps_hat", "T p, T m, T v",
+            ADAM_BODY, "lvae_adam_update")
+    _adam(grad, scale, b1, b2, step_size, eps_hat, p, m, v)

@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+import kernels
 from autograd import (Tensor, get_array_module, leaky_relu, no_grad, record,
                       softplus, to_device, to_numpy)
 
@@ -161,6 +162,14 @@ class Dense(Module):
 # ----------------------------------------------------------------------------------
 # Batch normalisation
 # ----------------------------------------------------------------------------------
+def _column_dot(a, b):
+    """sum_i a[i, j] b[i, j] for every column j: NumPy's einsum does it without a
+    temporary; CuPy's einsum costs more per call than the product and sum together."""
+    if get_array_module(a) is np:
+        return np.einsum("ij,ij->j", a, b)
+    return (a * b).sum(axis=0)
+
+
 def batch_norm(x, gamma, beta, eps, mean=None, var=None):
     """Normalise each feature (last axis) over all other axes, then scale and shift.
 
@@ -179,7 +188,7 @@ def batch_norm(x, gamma, beta, eps, mean=None, var=None):
     if training:
         mean = rows.mean(axis=0)
         centred = rows - mean
-        var = xp.einsum("ij,ij->j", centred, centred) / n  # sum of squares without a temporary
+        var = _column_dot(centred, centred) / n
     else:
         centred = rows - mean
     inv_std = 1.0 / xp.sqrt(var + eps)
@@ -191,7 +200,7 @@ def batch_norm(x, gamma, beta, eps, mean=None, var=None):
     def backward(g):
         g = g.reshape(-1, g.shape[-1])
         dbeta = g.sum(axis=0)
-        dgamma = xp.einsum("ij,ij->j", g, xhat)
+        dgamma = _column_dot(g, xhat)
         scale = gamma.data * inv_std
         if training:
             dx = g - dbeta / n
@@ -348,6 +357,7 @@ class Adam:
         self.m = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
         self.v = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
         self.last_grad_norm = None
+        self._buffers = {}  # dtype -> scratch buffer for step()
 
     def zero_grad(self):
         for p in self.params:
@@ -363,6 +373,7 @@ class Adam:
         return math.sqrt(total)
 
     def step(self):
+        """One Adam update of every parameter that has a gradient."""
         scale = 1.0
         if self.clip_norm is not None:
             self.last_grad_norm = self.grad_norm()
@@ -370,20 +381,38 @@ class Adam:
                 scale = self.clip_norm / self.last_grad_norm
         self.t += 1
         b1, b2 = self.beta1, self.beta2
-        step_size = self.lr / (1 - b1 ** self.t)
-        sqrt_bc2 = math.sqrt(1 - b2 ** self.t)
+        # lr (m / bc1) / (sqrt(v / bc2) + eps) = step_size * m / (sqrt(v) + eps_hat)
+        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        step_size, eps_hat = self.lr * math.sqrt(bc2) / bc1, self.eps * math.sqrt(bc2)
         for p, m, v in zip(self.params, self.m, self.v):
             if p.grad is None:
                 continue
+            if kernels.active(p.data):  # on a GPU: the whole update in one fused kernel
+                kernels.adam_update(p.data, p.grad, m, v, scale, b1, b2, step_size, eps_hat)
+                continue
+            xp = get_array_module(p.data)
             g = p.grad if scale == 1.0 else p.grad * scale
+            tmp = self._scratch(p)  # in-place ops on one reused buffer: no allocations
+            xp.multiply(g, 1 - b1, out=tmp)
             m *= b1
-            m += (1 - b1) * g
+            m += tmp                     # m = b1 m + (1 - b1) g
+            xp.multiply(g, g, out=tmp)
+            tmp *= 1 - b2
             v *= b2
-            v += (1 - b2) * (g * g)
-            denom = get_array_module(v).sqrt(v)
-            denom /= sqrt_bc2
-            denom += self.eps
-            p.data -= step_size * (m / denom)
+            v += tmp                     # v = b2 v + (1 - b2) g^2
+            xp.sqrt(v, out=tmp)
+            tmp += eps_hat
+            xp.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p.data -= tmp
+
+    def _scratch(self, p):
+        """A work buffer of p's shape: a view of one buffer as large as the largest parameter."""
+        buffer = self._buffers.get(p.data.dtype)
+        if buffer is None or get_array_module(buffer) is not get_array_module(p.data):
+            size = max(q.size for q in self.params)
+            buffer = self._buffers[p.data.dtype] = get_array_module(p.data).empty(size, p.dtype)
+        return buffer[:p.size].reshape(p.shape)
 
     def state_dict(self):
         state = {"t": np.array(self.t)}

@@ -10,10 +10,13 @@ Configuration: the plain values below; override any with --key=value (the type m
 match the default's; unknown keys are an error). Running again with the same out_dir
 resumes from its checkpoint, exactly where it stopped (Ctrl-C saves before exiting).
 """
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -121,6 +124,28 @@ def add_terms(sums, pending, where, ckpt_path):
     pending.clear()
 
 
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C (SIGINT) until the block is done: a training step is done whole
+    (forward pass, batch-norm statistics, optimiser update, noise drawn) or not at all,
+    so the checkpoint saved on Ctrl-C is exactly the state between two steps."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or threading.current_thread() is not threading.main_thread():
+        yield  # signals can only be handled in the main thread
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        if callable(previous):
+            previous(*received[0])  # the default handler raises KeyboardInterrupt
+        else:
+            raise KeyboardInterrupt
+
+
 def main(argv):
     apply_overrides(argv, globals())
     config = {k: globals()[k] for k in config_keys}
@@ -173,28 +198,27 @@ def main(argv):
             for step, batch in enumerate(batches):
                 if step < first_step:
                     continue
-                noise.new_step()
-                xb = to_device(batch, device)
-                if iw_samples > 1:
-                    objective, terms = lvae.iw_bound(net, xb, noise, iw_samples)
-                else:
-                    objective, terms = lvae.elbo(net, xb, noise, beta)
-                optimizer.zero_grad()
-                (-objective).backward()
-                optimizer.step()
-                pending.append((terms, len(batch)))
-                # reading numbers back from a GPU waits for it: do it every log_interval steps there
-                if device == "cpu" or (step + 1) % (log_interval or 50) == 0:
-                    add_terms(sums, pending, f"epoch {epoch + 1}, step {step + 1}", ckpt_path)
-                # what Ctrl-C saves: a snapshot after this step (copies, and the noise
-                # state now, so that the resumed run draws what this one would have)
-                state = {"epoch": epoch, "step": step + 1, "sums": {**sums, "kl": list(sums["kl"])},
-                         "pending": list(pending), "noise_rng": noise.get_state()}
+                with deferred_interrupt():  # Ctrl-C lands between steps, never inside one
+                    noise.new_step()
+                    xb = to_device(batch, device)
+                    if iw_samples > 1:
+                        objective, terms = lvae.iw_bound(net, xb, noise, iw_samples)
+                    else:
+                        objective, terms = lvae.elbo(net, xb, noise, beta)
+                    optimizer.zero_grad()
+                    (-objective).backward()
+                    optimizer.step()
+                    pending.append((terms, len(batch)))
+                    # reading numbers back from a GPU waits for it: there, every log_interval steps
+                    if device == "cpu" or (step + 1) % (log_interval or 50) == 0:
+                        add_terms(sums, pending, f"epoch {epoch + 1}, step {step + 1}", ckpt_path)
+                    state = {"epoch": epoch, "step": step + 1, "sums": sums, "pending": pending}
                 if log_interval and (step + 1) % log_interval == 0:
                     rate = (time.perf_counter() - t0) / (step + 1 - first_step)
                     print(f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch}: train elbo "
                           f"{sums['elbo'] / sums['n']:.2f} ({rate * 1000:.1f} ms/step)", flush=True)
-            add_terms(sums, pending, f"epoch {epoch + 1}", ckpt_path)
+            with deferred_interrupt():
+                add_terms(sums, pending, f"epoch {epoch + 1}", ckpt_path)
             seconds = time.perf_counter() - t0
             epoch += 1
             n = sums["n"]
@@ -205,7 +229,8 @@ def main(argv):
             line = (f"epoch {epoch}: beta {beta:.2f}, train elbo {record['train_elbo']:.2f}, "
                     f"KL per layer (z1..z{net.n_layers}) {kl_text}, {seconds:.1f}s")
             if eval_interval and epoch % eval_interval == 0 or epoch == epochs:
-                # evaluations draw from their own streams: they must not shift training's
+                # evaluations draw their own noise: when (and whether) they run must not
+                # change the training stream, so that a resumed run continues identically
                 record["test_elbo"] = test_elbo(net, test_x, lvae.Noise(seed + 4))
                 line += f" | test elbo {record['test_elbo']:.2f}"
                 if eval_lk_samples:
@@ -219,13 +244,14 @@ def main(argv):
             save(epoch, 0, None, state["data_rng"])
             checkpoint.write_metrics(metrics_path, history)
     except KeyboardInterrupt:
-        if "noise_rng" in state:  # steps were done since the last save: save the snapshot
+        if "pending" in state:  # steps were done since the last save
             add_terms(state["sums"], state["pending"], f"epoch {state['epoch'] + 1}", ckpt_path)
-            noise.set_state(state["noise_rng"])
-            del history[state["epoch"]:]  # in case the epoch's record was already made
+            # stopped during the end-of-epoch evaluation: the epoch is recorded on resuming
+            del history[state["epoch"]:]
             save(state["epoch"], state["step"], state["sums"], epoch_rng_state)
-        print(f"\ninterrupted: {ckpt_path} holds epoch {state['epoch']}, step {state['step']};"
-              f" run the same command again to resume")
+        where = (f"{ckpt_path} holds epoch {state['epoch']}, step {state['step']}; run the same "
+                 f"command again to resume" if os.path.exists(ckpt_path) else "nothing saved yet")
+        print(f"\ninterrupted: {where}")
         return 1
     finalize(net, ds, test_x, noise, history)
     return 0

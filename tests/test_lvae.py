@@ -19,8 +19,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import autograd  # noqa: E402
 import lvae  # noqa: E402
-from autograd import Tensor, no_grad  # noqa: E402
+from autograd import no_grad  # noqa: E402
 
 X_DIM = 8
 TINY = dict(x_dim=X_DIM, z_dims=(3, 2), hidden=(5, 4), n_dense=2)
@@ -71,7 +72,7 @@ def _check_model_gradients(model, x, objective, entries=None, seed=0):
         if entries is not None and flat.size > entries:
             idx = rng.choice(flat.size, entries, replace=False)
         for j in idx:
-            saved = flat[j]
+            saved = flat[j].item()  # a copy (a CuPy 0-d index is a view)
             with no_grad():
                 flat[j] = saved + eps
                 plus = float(_objective(model, x, objective).data)
@@ -79,8 +80,9 @@ def _check_model_gradients(model, x, objective, entries=None, seed=0):
                 minus = float(_objective(model, x, objective).data)
             flat[j] = saved
             numeric = (plus - minus) / (2 * eps)
-            assert abs(grad[j] - numeric) <= 1e-6 + 1e-5 * abs(numeric), (
-                f"{objective}: d/d {name}[{j}]: backward() {grad[j]:.10g}, "
+            analytic = float(grad[j])
+            assert abs(analytic - numeric) <= 1e-6 + 1e-5 * abs(numeric), (
+                f"{objective}: d/d {name}[{j}]: backward() {analytic:.10g}, "
                 f"finite differences {numeric:.10g}")
             checked += 1
     return checked
@@ -99,7 +101,19 @@ def test_elbo_gradients_match_finite_differences(kind, batch_norm):
 @pytest.mark.parametrize("kind", MODELS)
 def test_iw_bound_gradients_match_finite_differences(kind, batch_norm):
     model = tiny_model(kind, batch_norm, seed=2)
-    _check_model_gradients(model, binary_batch(5, seed=1), "iw", entries=4)
+    n_params = sum(p.size for p in model.parameters())
+    assert _check_model_gradients(model, binary_batch(5, seed=1), "iw") == n_params
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not autograd.cuda_available(), reason="needs CuPy and a CUDA device")
+@pytest.mark.parametrize("objective", ["elbo", "iw"])
+@pytest.mark.parametrize("kind", MODELS)
+def test_gradients_on_gpu_match_finite_differences(kind, objective):
+    """The same check with CuPy arrays (fused Gaussian kernels, GPU noise stream)."""
+    model = tiny_model(kind, seed=3).to("cuda")
+    x = autograd.cupy.asarray(binary_batch(6))
+    _check_model_gradients(model, x, objective, entries=3)
 
 
 def test_gradient_check_catches_a_wrong_backward(monkeypatch):

@@ -13,7 +13,9 @@ moments) must be bit-for-bit identical, and so must the metrics (but the timings
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -110,19 +112,32 @@ def assert_no_tmp_files(out_dir):
     assert not leftovers, leftovers
 
 
-class CallCounter:
-    """Wrap a function so that it raises ``exc`` on call number ``at`` (1-based),
-    counting only the calls for which ``when(*args)`` is true."""
+def interrupt_on_call(func, at, when=None, after=False, how="signal"):
+    """``func`` wrapped to interrupt on call number ``at`` (1-based), counting only the
+    calls for which ``when(*args)`` is true, before ``func`` runs or (``after``) once it
+    has run. how='signal' sends a real SIGINT, as Ctrl-C does (the default handler raises
+    KeyboardInterrupt at once, wherever the program is); how='raise' raises
+    KeyboardInterrupt itself. A plain function, so it also works patched onto a class."""
+    calls = [0]
 
-    def __init__(self, func, at, exc=KeyboardInterrupt, when=None):
-        self.func, self.at, self.exc, self.when, self.calls = func, at, exc, when, 0
+    def interrupt():
+        if how == "signal":
+            signal.raise_signal(signal.SIGINT)
+        else:
+            raise KeyboardInterrupt
 
-    def __call__(self, *args, **kwargs):
-        if self.when is None or self.when(*args):
-            self.calls += 1
-            if self.calls == self.at:
-                raise self.exc()
-        return self.func(*args, **kwargs)
+    def wrapper(*args, **kwargs):
+        hit = False
+        if when is None or when(*args):
+            calls[0] += 1
+            hit = calls[0] == at
+        if hit and not after:
+            interrupt()
+        result = func(*args, **kwargs)
+        if hit and after:
+            interrupt()
+        return result
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------
@@ -228,99 +243,179 @@ def test_running_again_after_the_last_epoch_does_nothing(run, tmp_path):
 
 
 @pytest.mark.parametrize("interrupt_at", [3, STEPS_PER_EPOCH + 5])
-def test_interrupt_in_optimizer_step_then_resume_is_identical(run, tmp_path, monkeypatch,
-                                                               interrupt_at):
-    """Ctrl-C arrives in the k-th optimiser step (before it changes anything): the
-    checkpoint holds the k-1 steps done, and resuming gives the uninterrupted run."""
+def test_ctrl_c_in_optimizer_step_then_resume_is_identical(run, tmp_path, monkeypatch,
+                                                           interrupt_at):
+    """Ctrl-C arrives during the k-th step, before its optimiser update: the step is
+    finished first (never half-applied), the checkpoint holds k steps, and resuming
+    gives exactly the uninterrupted run."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert run(straight, "--epochs=2") == 0
 
-    counter = CallCounter(layers.Adam.step, interrupt_at)
-    monkeypatch.setattr(layers.Adam, "step", counter)
+    handler = signal.getsignal(signal.SIGINT)
+    real = layers.Adam.step
+    monkeypatch.setattr(layers.Adam, "step", interrupt_on_call(real, interrupt_at))
     assert run(stopped, "--epochs=2") == 1  # main reports the interruption
-    monkeypatch.setattr(layers.Adam, "step", counter.func)
+    monkeypatch.setattr(layers.Adam, "step", real)
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
     assert_no_tmp_files(stopped)
     arrays, meta = read_ckpt(stopped)
-    done = interrupt_at - 1
-    assert (meta["epoch"], meta["step"]) == divmod(done, STEPS_PER_EPOCH)
-    assert int(arrays["optim/t"]) == done
-    assert meta["sums"]["n"] == 64 * (done % STEPS_PER_EPOCH)
+    assert (meta["epoch"], meta["step"]) == divmod(interrupt_at, STEPS_PER_EPOCH)
+    assert int(arrays["optim/t"]) == interrupt_at
+    assert meta["sums"]["n"] == 64 * (interrupt_at % STEPS_PER_EPOCH)
+    assert len(meta["history"]) == interrupt_at // STEPS_PER_EPOCH
 
     assert run(stopped, "--epochs=2") == 0
     assert_same_checkpoint(straight, stopped)
     assert without_timings(read_metrics(straight)) == without_timings(read_metrics(stopped))
 
 
-def test_interrupt_in_forward_pass_then_resume_is_identical(run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["lvae", "vae"])
+def test_ctrl_c_after_the_forward_pass_then_resume_is_identical(run, tmp_path, monkeypatch,
+                                                                model):
+    """Ctrl-C once the forward pass of a step has drawn its noise and updated the
+    batch-norm statistics."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert run(straight, "--epochs=2") == 0
-    counter = CallCounter(lvae.elbo, STEPS_PER_EPOCH + 2, when=lambda net, *a: net.training)
-    monkeypatch.setattr(lvae, "elbo", counter)
-    assert run(stopped, "--epochs=2") == 1
-    monkeypatch.setattr(lvae, "elbo", counter.func)
+    assert run(straight, "--epochs=2", f"--model={model}") == 0
+    real = lvae.elbo
+    monkeypatch.setattr(lvae, "elbo", interrupt_on_call(real, STEPS_PER_EPOCH + 2, after=True,
+                                                        when=lambda net, *a: net.training))
+    assert run(stopped, "--epochs=2", f"--model={model}") == 1
+    monkeypatch.setattr(lvae, "elbo", real)
     _, meta = read_ckpt(stopped)
-    assert (meta["epoch"], meta["step"]) == (1, 1)
-    assert run(stopped, "--epochs=2") == 0
+    assert (meta["epoch"], meta["step"]) == (1, 2)
+    assert run(stopped, "--epochs=2", f"--model={model}") == 0
     assert_same_checkpoint(straight, stopped)
 
 
-def test_interrupt_twice_then_resume_is_identical(run, tmp_path, monkeypatch):
+def test_ctrl_c_in_iw_training_then_resume_is_identical(run, tmp_path, monkeypatch):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    flags = ["--epochs=2", "--iw_samples=3"]
+    assert run(straight, *flags) == 0
+    real = lvae.iw_bound
+    monkeypatch.setattr(lvae, "iw_bound", interrupt_on_call(real, 5, after=True))
+    assert run(stopped, *flags) == 1
+    monkeypatch.setattr(lvae, "iw_bound", real)
+    assert run(stopped, *flags) == 0
+    assert_same_checkpoint(straight, stopped)
+
+
+def test_ctrl_c_twice_then_resume_is_identical(run, tmp_path, monkeypatch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert run(straight, "--epochs=3") == 0
     real = layers.Adam.step
-    for at in (4, 7):  # optimiser steps 4 (epoch 1) and 3 + 7 = 10 (epoch 2)
-        monkeypatch.setattr(layers.Adam, "step", CallCounter(real, at))
+    for at in (4, 7):  # steps 4 (epoch 1), then 4 + 7 = 11 (epoch 2, step 3)
+        monkeypatch.setattr(layers.Adam, "step", interrupt_on_call(real, at))
         assert run(stopped, "--epochs=3") == 1
     monkeypatch.setattr(layers.Adam, "step", real)
-    assert read_ckpt(stopped)[1]["step"] == 9 - STEPS_PER_EPOCH
+    assert read_ckpt(stopped)[1]["step"] == 11 - STEPS_PER_EPOCH
     assert run(stopped, "--epochs=3") == 0
     assert_same_checkpoint(straight, stopped)
 
 
-def test_interrupt_during_end_of_epoch_evaluation_then_resume_is_identical(
-        run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["signal", "raise"])
+def test_ctrl_c_during_end_of_epoch_evaluation_then_resume_is_identical(
+        run, tmp_path, monkeypatch, how):
     """Ctrl-C while epoch 2 is being evaluated: the epoch's training is done but not
     recorded. Resuming must record epoch 2 once, then train epoch 3, as straight."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     flags = ["--epochs=3", "--eval_interval=2"]
     assert run(straight, *flags) == 0
-    counter = CallCounter(lvae.log_likelihood_bound, 1)
-    monkeypatch.setattr(lvae, "log_likelihood_bound", counter)
+    real = lvae.log_likelihood_bound
+    monkeypatch.setattr(lvae, "log_likelihood_bound", interrupt_on_call(real, 1, how=how))
     assert run(stopped, *flags) == 1
-    monkeypatch.setattr(lvae, "log_likelihood_bound", counter.func)
+    monkeypatch.setattr(lvae, "log_likelihood_bound", real)
     assert [m["epoch"] for m in read_metrics(stopped)] == [1]
+    assert (read_ckpt(stopped)[1]["epoch"], read_ckpt(stopped)[1]["step"]) == (1, STEPS_PER_EPOCH)
     assert run(stopped, *flags) == 0
     assert [m["epoch"] for m in read_metrics(stopped)] == [1, 2, 3]
     assert_same_checkpoint(straight, stopped)
     assert without_timings(read_metrics(straight)) == without_timings(read_metrics(stopped))
 
 
-def test_interrupt_before_the_first_step_saves_nothing(run, tmp_path, monkeypatch):
+def test_interrupt_before_any_step_is_done_saves_nothing(run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    monkeypatch.setattr(layers.Adam, "step", CallCounter(layers.Adam.step, 1))
+    monkeypatch.setattr(layers.Adam, "step",
+                        interrupt_on_call(layers.Adam.step, 1, how="raise"))
     assert run(out, "--epochs=1") == 1
     assert not (out / "ckpt.npz").exists()
+    assert "nothing saved" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not autograd.cuda_available(), reason="needs CuPy and a CUDA device")
+def test_ctrl_c_then_resume_on_gpu_is_identical(run, tmp_path, monkeypatch):
+    """On the GPU the terms are read back every log_interval (3) steps: Ctrl-C at step 5
+    must still save the terms of steps 4 and 5, and resuming continues identically."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    flags = ["--epochs=2", "--device=cuda"]
+    assert run(straight, *flags) == 0
+    real = layers.Adam.step
+    monkeypatch.setattr(layers.Adam, "step", interrupt_on_call(real, 5))
+    assert run(stopped, *flags) == 1
+    monkeypatch.setattr(layers.Adam, "step", real)
+    meta = read_ckpt(stopped)[1]
+    assert (meta["epoch"], meta["step"], meta["sums"]["n"]) == (0, 5, 5 * 64)
+    assert run(stopped, *flags) == 0
+    assert_same_checkpoint(straight, stopped)
+    assert without_timings(read_metrics(straight)) == without_timings(read_metrics(stopped))
+
+
+def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends():
+    importlib.reload(train)
+    handler = signal.getsignal(signal.SIGINT)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with train.deferred_interrupt():
+            signal.raise_signal(signal.SIGINT)
+            done.append("rest of the step")
+    assert done == ["rest of the step"]
+    assert signal.getsignal(signal.SIGINT) is handler
+    with train.deferred_interrupt():  # no signal: nothing happens
+        done.append("step")
+    # an exception inside the block propagates and the handler is restored
+    with pytest.raises(ZeroDivisionError):
+        with train.deferred_interrupt():
+            1 / 0
+    assert signal.getsignal(signal.SIGINT) is handler
+    # outside the main thread it does nothing (signals are not delivered there)
+    errors = []
+
+    def worker():
+        try:
+            with train.deferred_interrupt():
+                done.append("thread")
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert not errors and done[-1] == "thread"
 
 
 # ----------------------------------------------------------------------------------
 # Checkpoint files
 # ----------------------------------------------------------------------------------
-def test_checkpoint_write_is_atomic(run, tmp_path, monkeypatch):
-    """A failure while writing leaves the previous checkpoint intact and no .tmp file."""
+@pytest.mark.parametrize("failure", [OSError, KeyboardInterrupt])
+def test_checkpoint_write_is_atomic(run, tmp_path, monkeypatch, failure):
+    """A failure while writing (disk full, Ctrl-C) leaves the previous checkpoint intact
+    and no .tmp file."""
     out = tmp_path / "run"
     assert run(out, "--epochs=1") == 0
     before = (out / "ckpt.npz").read_bytes()
 
     def failing_savez(f, **arrays):
         f.write(b"half a checkpoint")
-        raise KeyboardInterrupt
+        raise failure("no space left on device")
     monkeypatch.setattr(checkpoint.np, "savez", failing_savez)
-    with pytest.raises(KeyboardInterrupt):
-        run(out, "--epochs=2")  # the end-of-epoch save fails
+    if failure is KeyboardInterrupt:  # train.py treats it as Ctrl-C and stops cleanly
+        assert run(out, "--epochs=2") == 1
+    else:
+        with pytest.raises(OSError, match="no space"):
+            run(out, "--epochs=2")  # the end-of-epoch save fails
     monkeypatch.undo()
     assert (out / "ckpt.npz").read_bytes() == before
     assert_no_tmp_files(out)
-    read_ckpt(out)
+    assert read_ckpt(out)[1]["epoch"] == 1
 
 
 def test_truncated_checkpoint_is_a_clear_error(run, tmp_path):
