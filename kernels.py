@@ -185,3 +185,76 @@ def adam_update(p, grad, m, v, scale, b1, b2, step_size, eps_hat):
             "T grad, T scale, T b1, T b2, T step_size, T eps_hat", "T p, T m, T v",
             ADAM_BODY, "lvae_adam_update")
     _adam(grad, scale, b1, b2, step_size, eps_hat, p, m, v)
+
+
+# ----------------------------------------------------------------------------------
+# Batch norm (+ leaky ReLU): layers.batch_norm uses these on a GPU. The plain CuPy code
+# takes about twenty kernel launches per direction; these take three.
+# slope = 1 means no leaky ReLU (then max(y, y * slope) = y and its derivative is 1).
+# ----------------------------------------------------------------------------------
+BATCH_NORM_FWD_BODY = """
+xhat = (x - mean) / sqrt(var + eps);
+const T y = xhat * gamma + beta;
+out = y > (T)0 ? y : y * slope;
+"""
+
+BATCH_NORM_BWD_BODY = """
+const T gy = out > (T)0 ? g : g * slope;
+const T scale = gamma / sqrt(var + eps);
+dx = training ? scale * (gy - dbeta / n - xhat * dgamma / n) : scale * gy;
+"""
+
+RUNNING_AVERAGE_BODY = """
+running_mean = ((T)1 - m) * running_mean + m * mean;
+running_var = ((T)1 - m) * running_var + m * unbias * var;
+"""
+
+_bn = {}
+
+
+def _batch_norm_kernels():
+    if not _bn:
+        _bn["var"] = cupy.ReductionKernel(
+            "T x, T mean, T n", "T var", "(x - mean) * (x - mean)", "a + b", "var = a / n",
+            "0", "lvae_bn_var")
+        _bn["fwd"] = cupy.ElementwiseKernel(
+            "T x, T mean, T var, T gamma, T beta, T eps, T slope", "T xhat, T out",
+            BATCH_NORM_FWD_BODY, "lvae_bn_fwd")
+        _bn["sum_gy"] = cupy.ReductionKernel(
+            "T g, T out, T slope", "T s", "out > (T)0 ? g : g * slope", "a + b", "s = a", "0",
+            "lvae_bn_dbeta")
+        _bn["sum_gy_xhat"] = cupy.ReductionKernel(
+            "T g, T out, T xhat, T slope", "T s", "(out > (T)0 ? g : g * slope) * xhat",
+            "a + b", "s = a", "0", "lvae_bn_dgamma")
+        _bn["bwd"] = cupy.ElementwiseKernel(
+            "T g, T out, T xhat, T gamma, T var, T eps, T dbeta, T dgamma, T n, T slope, "
+            "bool training", "T dx", BATCH_NORM_BWD_BODY, "lvae_bn_bwd")
+        _bn["running"] = cupy.ElementwiseKernel(
+            "T mean, T var, T m, T unbias", "T running_mean, T running_var",
+            RUNNING_AVERAGE_BODY, "lvae_bn_running")
+    return _bn
+
+
+def batch_norm_forward(rows, gamma, beta, eps, mean=None, var=None, slope=None):
+    """Fused version of layers.batch_norm_forward: (out, xhat, mean, var)."""
+    k = _batch_norm_kernels()
+    if mean is None:
+        mean = rows.mean(axis=0)
+        var = k["var"](rows, mean, len(rows), axis=0)
+    xhat, out = k["fwd"](rows, mean, var, gamma, beta, eps, 1.0 if slope is None else slope)
+    return out, xhat, mean, var
+
+
+def batch_norm_backward(g, out, xhat, gamma, var, eps, training, slope=None):
+    """Fused version of layers.batch_norm_backward: (dx, dgamma, dbeta)."""
+    k = _batch_norm_kernels()
+    slope = 1.0 if slope is None else slope
+    dbeta = k["sum_gy"](g, out, slope, axis=0)
+    dgamma = k["sum_gy_xhat"](g, out, xhat, slope, axis=0)
+    dx = k["bwd"](g, out, xhat, gamma, var, eps, dbeta, dgamma, len(g), slope, training)
+    return dx, dgamma, dbeta
+
+
+def running_average(mean, var, m, unbias, running_mean, running_var):
+    """running = (1 - m) running + m batch (variance times unbias), in place, one kernel."""
+    _batch_norm_kernels()["running"](mean, var, m, unbias, running_mean, running_var)

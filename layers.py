@@ -163,15 +163,55 @@ class Dense(Module):
 # Batch normalisation
 # ----------------------------------------------------------------------------------
 def _column_dot(a, b):
-    """sum_i a[i, j] b[i, j] for every column j: NumPy's einsum does it without a
-    temporary; CuPy's einsum costs more per call than the product and sum together."""
-    if get_array_module(a) is np:
-        return np.einsum("ij,ij->j", a, b)
-    return (a * b).sum(axis=0)
+    """sum_i a[i, j] b[i, j] for every column j (NumPy's einsum needs no temporary)."""
+    return np.einsum("ij,ij->j", a, b)
 
 
-def batch_norm(x, gamma, beta, eps, mean=None, var=None):
-    """Normalise each feature (last axis) over all other axes, then scale and shift.
+def batch_norm_forward(rows, gamma, beta, eps, mean=None, var=None, slope=None):
+    """Reference array code of the batch-norm op (rows: (N, D); see ``batch_norm``).
+
+    Returns (out, xhat, mean, var). mean/var None: the batch's own statistics.
+    """
+    xp = get_array_module(rows)
+    if mean is None:
+        mean = rows.mean(axis=0)
+        centred = rows - mean
+        var = _column_dot(centred, centred) / len(rows)
+    else:
+        centred = rows - mean
+    xhat = centred
+    xhat *= 1.0 / xp.sqrt(var + eps)  # in place: `centred` is not needed any more
+    out = xhat * gamma
+    out += beta
+    if slope is not None:
+        xp.maximum(out, out * slope, out=out)  # leaky ReLU, in place
+    return out, xhat, mean, var
+
+
+def batch_norm_backward(g, out, xhat, gamma, var, eps, training, slope=None):
+    """Reference array code of the batch-norm op's backward: (dx, dgamma, dbeta)."""
+    xp = get_array_module(g)
+    if slope is not None:  # through the leaky ReLU first: out > 0 exactly where its input is
+        scale = (out > 0).astype(g.dtype)
+        scale *= 1 - slope
+        scale += slope
+        g = scale * g
+    n = len(g)
+    dbeta = g.sum(axis=0)
+    dgamma = _column_dot(g, xhat)
+    scale = gamma / xp.sqrt(var + eps)
+    if training:
+        dx = g - dbeta / n
+        dx -= xhat * (dgamma / n)
+        dx *= scale
+    else:
+        dx = g * scale
+    return dx, dgamma, dbeta
+
+
+def batch_norm(x, gamma, beta, eps, mean=None, var=None, slope=None):
+    """Normalise each feature (last axis) over all other axes, then scale and shift
+    (and, if ``slope`` is given, apply a leaky ReLU: one op instead of two).
 
     Training (mean=var=None), with N rows, batch mean m and biased variance v:
         xhat = (x - m) / sqrt(v + eps),   y = gamma * xhat + beta
@@ -179,35 +219,19 @@ def batch_norm(x, gamma, beta, eps, mean=None, var=None):
         dx = gamma / sqrt(v + eps) * (g - dbeta / N - xhat * dgamma / N)
     (the last two terms are how every row's statistics depend on every row).
     Evaluation (running mean and var given): a fixed affine map, dx = g * gamma / sqrt(var + eps).
+    On a GPU, kernels.py runs each direction in three fused kernels.
     Returns (y, batch mean, batch variance).
     """
-    xp = get_array_module(x.data)
     rows = x.data.reshape(-1, x.shape[-1])
-    n = rows.shape[0]
     training = mean is None
-    if training:
-        mean = rows.mean(axis=0)
-        centred = rows - mean
-        var = _column_dot(centred, centred) / n
-    else:
-        centred = rows - mean
-    inv_std = 1.0 / xp.sqrt(var + eps)
-    xhat = centred
-    xhat *= inv_std  # in place: `centred` is not needed any more
-    out = xhat * gamma.data
-    out += beta.data
+    fused = kernels.active(rows)
+    forward = kernels.batch_norm_forward if fused else batch_norm_forward
+    out, xhat, mean, var = forward(rows, gamma.data, beta.data, eps, mean, var, slope)
 
     def backward(g):
-        g = g.reshape(-1, g.shape[-1])
-        dbeta = g.sum(axis=0)
-        dgamma = _column_dot(g, xhat)
-        scale = gamma.data * inv_std
-        if training:
-            dx = g - dbeta / n
-            dx -= xhat * (dgamma / n)
-            dx *= scale
-        else:
-            dx = g * scale
+        backward_fn = kernels.batch_norm_backward if fused else batch_norm_backward
+        dx, dgamma, dbeta = backward_fn(g.reshape(rows.shape), out, xhat, gamma.data, var,
+                                        eps, training, slope)
         return (dx.reshape(x.shape) if x.requires_grad else None,
                 dgamma if gamma.requires_grad else None,
                 dbeta if beta.requires_grad else None)
@@ -239,19 +263,25 @@ class BatchNorm(Module):
         self.running_var.data[...] = 1
         self.batches_seen = 0
 
-    def forward(self, x):
+    def forward(self, x, slope=None):
+        """Batch norm of x, followed by a leaky ReLU with this slope if one is given."""
         if not self.training:
             y, _, _ = batch_norm(x, self.gamma, self.beta, self.eps,
-                                 self.running_mean.data, self.running_var.data)
+                                 self.running_mean.data, self.running_var.data, slope)
             return y
-        y, mean, var = batch_norm(x, self.gamma, self.beta, self.eps)
+        y, mean, var = batch_norm(x, self.gamma, self.beta, self.eps, slope=slope)
         n = x.size // x.shape[-1]
         self.batches_seen += 1
         m = self.momentum if self.momentum is not None else 1.0 / self.batches_seen
-        self.running_mean.data *= 1 - m
-        self.running_mean.data += m * mean
-        self.running_var.data *= 1 - m
-        self.running_var.data += (m * n / max(n - 1, 1)) * var
+        unbias = n / max(n - 1, 1)  # running_var estimates the population variance
+        if kernels.active(mean):
+            kernels.running_average(mean, var, m, unbias, self.running_mean.data,
+                                    self.running_var.data)
+        else:
+            self.running_mean.data *= 1 - m
+            self.running_mean.data += m * mean
+            self.running_var.data *= 1 - m
+            self.running_var.data += (m * unbias) * var
         return y
 
 
@@ -310,9 +340,10 @@ class MLP(Module):
     def forward(self, x):
         for i, dense in enumerate(self.dense):
             x = dense(x)
-            if self.batch_norm:
-                x = self.norms[i](x)
-            x = leaky_relu(x, self.slope)
+            if self.batch_norm:  # batch norm and leaky ReLU as one op
+                x = self.norms[i](x, slope=self.slope)
+            else:
+                x = leaky_relu(x, self.slope)
         return x
 
 
@@ -357,14 +388,14 @@ class Adam:
         self.m = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
         self.v = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
         self.last_grad_norm = None
-        self._buffers = {}  # dtype -> scratch buffer for step()
+        self._buffers = {}  # dtype -> scratch buffer for step() on NumPy
 
     def zero_grad(self):
         for p in self.params:
             p.grad = None
 
     def grad_norm(self):
-        """sqrt(sum of squares of every gradient)."""
+        """sqrt(sum of squares of every gradient), as a float."""
         total = 0.0
         for p in self.params:
             if p.grad is not None:
@@ -374,21 +405,25 @@ class Adam:
 
     def step(self):
         """One Adam update of every parameter that has a gradient."""
-        scale = 1.0
-        if self.clip_norm is not None:
-            self.last_grad_norm = self.grad_norm()
-            if self.last_grad_norm > self.clip_norm:
-                scale = self.clip_norm / self.last_grad_norm
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         # lr (m / bc1) / (sqrt(v / bc2) + eps) = step_size * m / (sqrt(v) + eps_hat)
         bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
         step_size, eps_hat = self.lr * math.sqrt(bc2) / bc1, self.eps * math.sqrt(bc2)
+        if kernels.active(self.params[0].data):
+            grads = [p.grad for p in self.params if p.grad is not None]
+            scale = 1.0 if self.clip_norm is None else self._device_clip_scale(grads)
+            for p, m, v in zip(self.params, self.m, self.v):
+                if p.grad is not None:  # the whole update in one fused kernel
+                    kernels.adam_update(p.data, p.grad, m, v, scale, b1, b2, step_size, eps_hat)
+            return
+        scale = 1.0
+        if self.clip_norm is not None:
+            self.last_grad_norm = self.grad_norm()
+            if self.last_grad_norm > self.clip_norm:
+                scale = self.clip_norm / self.last_grad_norm
         for p, m, v in zip(self.params, self.m, self.v):
             if p.grad is None:
-                continue
-            if kernels.active(p.data):  # on a GPU: the whole update in one fused kernel
-                kernels.adam_update(p.data, p.grad, m, v, scale, b1, b2, step_size, eps_hat)
                 continue
             xp = get_array_module(p.data)
             g = p.grad if scale == 1.0 else p.grad * scale
@@ -405,6 +440,17 @@ class Adam:
             xp.divide(m, tmp, out=tmp)
             tmp *= step_size
             p.data -= tmp
+
+    def _device_clip_scale(self, grads):
+        """min(1, clip_norm / ||g||) as a 0-d device array: reading the norm back to the
+        host would make the CPU wait for the GPU at every step."""
+        xp = get_array_module(grads[0])
+        total = xp.zeros((), dtype=grads[0].dtype)
+        for g in grads:
+            g = g.reshape(-1)
+            total += g @ g
+        self.last_grad_norm = xp.sqrt(total)
+        return xp.minimum(1, self.clip_norm / (self.last_grad_norm + 1e-12))
 
     def _scratch(self, p):
         """A work buffer of p's shape: a view of one buffer as large as the largest parameter."""

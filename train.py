@@ -130,20 +130,18 @@ def deferred_interrupt():
     (forward pass, batch-norm statistics, optimiser update, noise drawn) or not at all,
     so the checkpoint saved on Ctrl-C is exactly the state between two steps."""
     previous = signal.getsignal(signal.SIGINT)
-    if previous is None or threading.current_thread() is not threading.main_thread():
-        yield  # signals can only be handled in the main thread
+    main_thread = threading.current_thread() is threading.main_thread()
+    if previous in (None, signal.SIG_IGN) or not main_thread:
+        yield  # nothing to hold: Ctrl-C is ignored, or signals do not reach this thread
         return
     received = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
     if received:
-        if callable(previous):
-            previous(*received[0])  # the default handler raises KeyboardInterrupt
-        else:
-            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)  # delivered now (Python's handler: KeyboardInterrupt)
 
 
 def main(argv):

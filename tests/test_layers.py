@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import autograd
+import layers
 from autograd import Tensor, get_array_module, no_grad, numerical_gradient, to_numpy
 from layers import (MLP, Adam, BatchNorm, Dense, GaussianLayer, LeakyReLU, Module, batch_norm,
                     linear, recompute_batchnorm_statistics)
@@ -613,3 +614,58 @@ def test_adam_zero_grad():
     np.testing.assert_array_equal(x.grad, [3.0, 3.0],
                                   err_msg="after zero_grad() the next backward() should not "
                                           "accumulate")
+
+
+# ----------------------------------------------------------------------------------
+# The fused GPU batch norm (+ leaky ReLU) against the plain array code, on CuPy
+# ----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not autograd.cuda_available(), reason="needs CuPy and a CUDA device")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("slope", [None, 0.01])
+@pytest.mark.parametrize("training", [True, False])
+def test_gpu_fused_batch_norm_matches_plain_code(dtype, slope, training):
+    import kernels
+    cupy = autograd.cupy
+    rng = np.random.default_rng(3)
+    x, gamma, beta = (rng.standard_normal((64, 24)) * 3 + 1, rng.random(24) + 0.5,
+                      rng.standard_normal(24))
+    stats = (None, None) if training else (rng.standard_normal(24), rng.random(24) + 0.2)
+    g = rng.standard_normal((64, 24))
+    results = []
+    for fused in (True, False):
+        kernels.set_fusion(fused)
+        try:
+            leaves = [autograd.Tensor(cupy.asarray(a, dtype=dtype), requires_grad=True)
+                      for a in (x, gamma, beta)]
+            mean, var = [None if s is None else cupy.asarray(s, dtype=dtype) for s in stats]
+            y, m, v = layers.batch_norm(*leaves, 1e-4, mean, var, slope=slope)
+            y.backward(cupy.asarray(g, dtype=dtype))
+            results.append([autograd.to_numpy(a) for a in (y.data, m, v, *(t.grad for t in leaves))])
+        finally:
+            kernels.set_fusion(True)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    for name, fused_value, plain_value in zip(["y", "mean", "var", "dx", "dgamma", "dbeta"],
+                                              *results):
+        np.testing.assert_allclose(fused_value, plain_value, **tol,
+                                   err_msg=f"fused batch norm: {name} differs from the plain code")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not autograd.cuda_available(), reason="needs CuPy and a CUDA device")
+def test_gpu_fused_running_average_matches_plain_code():
+    import kernels
+    cupy = autograd.cupy
+    x = np.random.default_rng(4).standard_normal((32, 6)).astype(np.float32)
+    states = []
+    for fused in (True, False):
+        kernels.set_fusion(fused)
+        try:
+            bn = layers.BatchNorm(6).to("cuda")
+            for _ in range(3):
+                bn(autograd.Tensor(cupy.asarray(x)))
+            states.append((autograd.to_numpy(bn.running_mean.data), autograd.to_numpy(bn.running_var.data)))
+        finally:
+            kernels.set_fusion(True)
+    np.testing.assert_allclose(states[0][0], states[1][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(states[0][1], states[1][1], rtol=1e-5, atol=1e-6)

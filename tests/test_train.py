@@ -64,6 +64,14 @@ def fake_data(monkeypatch):
     return SYNTHETIC
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Ctrl-C raises KeyboardInterrupt during these tests, whatever the test runner set."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture
 def run(fake_data, monkeypatch):
     """run(out_dir, *overrides, final=False): a fresh train module, then main().
@@ -377,6 +385,15 @@ def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends():
         with train.deferred_interrupt():
             1 / 0
     assert signal.getsignal(signal.SIGINT) is handler
+    # where Ctrl-C is ignored, it stays ignored
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with train.deferred_interrupt():
+            signal.raise_signal(signal.SIGINT)
+            done.append("ignored")
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert done[-1] == "ignored"
     # outside the main thread it does nothing (signals are not delivered there)
     errors = []
 

@@ -1,0 +1,440 @@
+"""Tests of the classroom exercises in notebooks/exercises (about 20 s on 2 cores).
+
+1. checks.py on its own (NumPy only): with the reference solutions every part passes;
+   with the blanks as committed every part reports NOT DONE YET; deliberately wrong
+   forwards and backwards report WRONG / WRONG GRADIENT with the expected value or the
+   finite-difference value in the message (and that value is right); nothing raises.
+2. The layout a teacher relies on: one blank cell and one check cell per notebook, a
+   solution per notebook, notebooks committed without outputs, nothing outside
+   solutions/ that needs it, and no Jupyter import in the product.
+   The committed notebooks are what build_exercises.py writes.
+3. The notebooks run with nbclient (skipped cleanly without nbformat, nbclient and
+   ipykernel): as committed, every check cell prints NOT DONE YET and no cell raises;
+   with the solutions in place of the blanks, every part passes; grade.py grades a
+   student's folder.
+"""
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXERCISES = os.path.join(ROOT, "notebooks", "exercises")
+for path in (ROOT, EXERCISES):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import checks  # noqa: E402
+import grade  # noqa: E402  (imports no Jupyter package until a notebook is run)
+from autograd import Tensor, record, sigmoid_array, sum_to  # noqa: E402
+
+# notebook -> (how its check cell calls checks.py on the student's names, parts printed)
+EXERCISE_CHECKS = {
+    "01_softplus": (lambda ns: checks.check_softplus(ns["softplus_array"], ns["softplus"]), 2),
+    "02_merge": (lambda ns: checks.check_merge(ns["merge_forward"], ns["merge_backward"]), 2),
+    "03_gaussian_kl": (lambda ns: checks.check_kl(ns["kl_forward"], ns["kl_backward"]), 2),
+    "04_batchnorm_backward": (lambda ns: checks.check_batchnorm_backward(ns["batch_norm"]), 2),
+    "05_iw_bound": (lambda ns: checks.check_logsumexp_and_iw_bound(
+        ns["logsumexp_array"], ns["logsumexp"], ns["iw_bound"]), 3),
+    "06_reparameterize": (lambda ns: checks.check_reparameterize(ns["reparameterize"]), 2),
+}
+NAMES = sorted(EXERCISE_CHECKS)
+HEADLINE = re.compile(r"^(PASS|NOT DONE YET|WRONG GRADIENT|WRONG): ")
+
+
+def notebook_json(name):
+    with open(os.path.join(EXERCISES, name + ".ipynb")) as f:
+        return json.load(f)
+
+
+def cells_tagged(nb, tag):
+    return [c for c in nb["cells"] if tag in c.get("metadata", {}).get("tags", [])]
+
+
+def source(cell):
+    return cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+
+
+def blank_source(name):
+    (cell,) = cells_tagged(notebook_json(name), "exercise")
+    return source(cell)
+
+
+def solution_source(name):
+    with open(os.path.join(EXERCISES, "solutions", name + ".py")) as f:
+        return f.read()
+
+
+def namespace(code, filename):
+    """The names a cell defines, as the notebook would have them after running it."""
+    ns = {"__name__": "exercise_cell"}
+    exec(compile(code, filename, "exec"), ns)
+    return ns
+
+
+def solution(name):
+    return namespace(solution_source(name), f"solutions/{name}.py")
+
+
+def run_check(capsys, name, ns):
+    """Run a notebook's check on the names in ns: (returned value, headline lines, output)."""
+    ok = EXERCISE_CHECKS[name][0](ns)
+    out = capsys.readouterr().out
+    assert isinstance(ok, bool), f"the check returned {ok!r}, expected True or False"
+    assert "Traceback" not in out, f"a traceback was printed:\n{out}"
+    headlines = [line for line in out.splitlines() if HEADLINE.match(line)]
+    return ok, headlines, out
+
+
+# ----------------------------------------------------------------------------------
+# 1. checks.py: solutions pass, blanks are not done yet
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_solution_passes_every_part(capsys, name):
+    ok, headlines, out = run_check(capsys, name, solution(name))
+    assert ok, f"the reference solution of {name} does not pass:\n{out}"
+    assert len(headlines) == EXERCISE_CHECKS[name][1], out
+    assert all(h.startswith("PASS: ") for h in headlines), out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_blank_reports_not_done_yet(capsys, name):
+    ns = namespace(blank_source(name), f"{name} blank cell")
+    ok, headlines, out = run_check(capsys, name, ns)
+    assert ok is False
+    assert len(headlines) == EXERCISE_CHECKS[name][1], out
+    assert all(h.startswith("NOT DONE YET: ") for h in headlines), out
+
+
+def test_blanks_returning_none_or_ellipsis_are_not_done(capsys):
+    for blank in (lambda x: None, lambda x: ...):
+        assert checks.check_softplus(blank, solution("01_softplus")["softplus"]) is False
+        out = capsys.readouterr().out
+        assert out.startswith("NOT DONE YET: softplus forward: softplus_array returned"), out
+    ns = solution("02_merge")
+    assert checks.check_merge(lambda *a: (..., ...), ns["merge_backward"]) is False
+    out = capsys.readouterr().out
+    assert "NOT DONE YET: merge forward" in out and "PASS: merge backward" in out, out
+
+
+# ----------------------------------------------------------------------------------
+# 1. checks.py: wrong answers are named, with the value they should have had
+# ----------------------------------------------------------------------------------
+NUMBER = r"(-?[0-9.]+(?:e[-+]?\d+)?|-?inf|nan)"
+
+
+def stable_softplus(x):
+    return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
+
+
+def softplus_op(backward_of):
+    """A softplus op whose backward is backward_of(x_data, g)."""
+    def softplus(x):
+        return record(stable_softplus(x.data), (x,), lambda g: backward_of(x.data, g))
+    return softplus
+
+
+def test_naive_softplus_overflows_and_says_where(capsys):
+    ok = checks.check_softplus(lambda x: np.log(1 + np.exp(x)), solution("01_softplus")["softplus"])
+    out = capsys.readouterr().out
+    assert ok is False
+    assert "WRONG: softplus forward: softplus_array, at x=1000: expected 1000, got inf" in out, out
+    assert "hint: " in out and "log1p" in out
+    assert "NOT DONE YET: softplus backward" in out  # waits for the forward
+
+
+def test_backward_without_g_shows_the_finite_difference_value(capsys):
+    ok = checks.check_softplus(stable_softplus,
+                               softplus_op(lambda x, g: (sigmoid_array(x),)))  # forgot g
+    out = capsys.readouterr().out
+    assert ok is False
+    assert "PASS: softplus forward" in out
+    m = re.search(rf"WRONG GRADIENT: softplus backward: for x, at x={NUMBER}, g={NUMBER}: "
+                  rf"backward gives {NUMBER}, finite differences give {NUMBER}", out)
+    assert m, out
+    x, g, given, numeric = (float(v) for v in m.groups())
+    # the message's numbers are the real ones: the wrong sigma(x), and g * sigma(x)
+    assert given == pytest.approx(1 / (1 + math.exp(-x)), rel=1e-4)
+    assert numeric == pytest.approx(g / (1 + math.exp(-x)), rel=1e-4)
+
+
+@pytest.mark.parametrize("backward_of, message", [
+    (lambda x, g: g * sigmoid_array(x), "returned ndarray; it must return a tuple"),
+    (lambda x, g: (g, g), "returned 2 gradients for 1 parents"),
+    (lambda x, g: (g.sum(axis=0),), "returned a gradient of shape (4,) for an input of shape (3, 4)"),
+    (lambda x, g: (g * np.exp(x) / (1 + np.exp(x)),), "at x=1000: expected 1, got nan"),
+], ids=["array not tuple", "two gradients", "wrong shape", "nan for large x"])
+def test_malformed_backward_is_explained(capsys, backward_of, message):
+    assert checks.check_softplus(stable_softplus, softplus_op(backward_of)) is False
+    out = capsys.readouterr().out
+    assert "WRONG: softplus backward: " in out and message in out, out
+
+
+def test_op_that_records_no_graph(capsys):
+    assert checks.check_softplus(stable_softplus, lambda x: Tensor(stable_softplus(x.data))) is False
+    out = capsys.readouterr().out
+    assert "records no graph" in out and "record(out_array, parents, backward)" in out, out
+
+
+def test_exception_in_student_code_is_reported_not_raised(capsys):
+    def softplus_array(x):
+        return x + undefined_name  # noqa: F821
+
+    assert checks.check_softplus(softplus_array, None) is False
+    out = capsys.readouterr().out
+    assert ("WRONG: softplus forward: your code raised NameError: name 'undefined_name' is not "
+            "defined (in softplus_array, line") in out, out
+    assert checks.check_softplus(None, None) is False  # not even a function
+    assert "your code raised TypeError" in capsys.readouterr().out
+
+
+def test_wrong_merge(capsys):
+    ns = solution("02_merge")
+
+    def mean_of_means(mu_hat, var_hat, mu_p, var_p):  # ignores the precisions
+        return (mu_hat + mu_p) / 2, var_hat * var_p / (var_hat + var_p)
+
+    assert checks.check_merge(mean_of_means, ns["merge_backward"]) is False
+    out = capsys.readouterr().out
+    assert re.search(rf"WRONG: merge forward: mu_q, at mu_hat={NUMBER}, var_hat={NUMBER}, "
+                     rf"mu_p={NUMBER}, var_p={NUMBER}: expected {NUMBER}, got {NUMBER}", out), out
+    assert "PASS: merge backward" in out  # the parts are independent
+
+    def no_var_path(g_mu, g_var, mu_hat, var_hat, mu_p, var_p):
+        grads = ns["merge_backward"](g_mu, g_var, mu_hat, var_hat, mu_p, var_p)
+        return grads[0], grads[1], grads[2], g_mu * 0  # forgot d/d var_p
+    assert checks.check_merge(ns["merge_forward"], no_var_path) is False
+    out = capsys.readouterr().out
+    assert "PASS: merge forward" in out
+    assert re.search(r"WRONG GRADIENT: merge backward: for var_p, through mu_q only \(g_var = 0\), "
+                     r"at .*: backward gives 0, finite differences give", out), out
+
+
+def test_wrong_kl(capsys):
+    ns = solution("03_gaussian_kl")
+    without_minus_one = lambda mq, vq, mp, vp: ns["kl_forward"](mq, vq, mp, vp) + 0.5
+    assert checks.check_kl(without_minus_one, ns["kl_backward"]) is False
+    out = capsys.readouterr().out
+    m = re.search(rf"WRONG: KL forward: kl_forward, at .*: expected {NUMBER}, got {NUMBER}", out)
+    assert m and float(m.group(2)) == pytest.approx(float(m.group(1)) + 0.5), out
+
+    def sign_error(g, mq, vq, mp, vp):
+        d = list(ns["kl_backward"](g, mq, vq, mp, vp))
+        d[2] = -d[2]
+        return tuple(d)
+    assert checks.check_kl(ns["kl_forward"], sign_error) is False
+    out = capsys.readouterr().out
+    m = re.search(rf"WRONG GRADIENT: KL backward: for mu_p, .*: backward gives {NUMBER}, "
+                  rf"finite differences give {NUMBER}", out)
+    assert m and float(m.group(1)) == pytest.approx(-float(m.group(2)), rel=1e-4), out
+
+
+def batch_norm_with(dx_of):
+    """The exercise's batch norm with dx = dx_of(g, gamma, xhat, inv_std, n)."""
+    def batch_norm(x, gamma, beta, eps):
+        n = x.shape[0]
+        centred = x.data - x.data.mean(axis=0)
+        inv_std = 1 / np.sqrt((centred * centred).mean(axis=0) + eps)
+        xhat = centred * inv_std
+
+        def backward(g):
+            return dx_of(g, gamma.data, xhat, inv_std, n), (g * xhat).sum(axis=0), g.sum(axis=0)
+        return record(gamma.data * xhat + beta.data, (x, gamma, beta), backward)
+    return batch_norm
+
+
+def test_batch_norm_with_constant_statistics_is_wrong_and_named(capsys):
+    naive = batch_norm_with(lambda g, gamma, xhat, inv_std, n: g * gamma * inv_std)
+    assert checks.check_batchnorm_backward(naive) is False
+    out = capsys.readouterr().out
+    assert "PASS: batch norm backward, dgamma and dbeta" in out, out
+    assert re.search(rf"WRONG GRADIENT: batch norm backward, dx: for x, at index \(\d, \d\): "
+                     rf"backward gives {NUMBER}, finite differences give {NUMBER}", out), out
+    assert "treats the batch mean and variance as constants" in out
+
+
+def test_batch_norm_missing_the_variance_term(capsys):
+    no_var = batch_norm_with(lambda g, gamma, xhat, inv_std, n:
+                             gamma * inv_std * (g - g.sum(axis=0) / n))
+    assert checks.check_batchnorm_backward(no_var) is False
+    out = capsys.readouterr().out
+    assert "WRONG GRADIENT: batch norm backward, dx" in out and "constants" not in out, out
+
+
+def test_wrong_logsumexp_and_bound(capsys):
+    ns = solution("05_iw_bound")
+    naive = lambda a, axis=0: np.log(np.exp(a).sum(axis=axis))
+    assert checks.check_logsumexp_and_iw_bound(naive, ns["logsumexp"], ns["iw_bound"]) is False
+    out = capsys.readouterr().out
+    assert re.search(r"WRONG: logsumexp forward: logsumexp_array\(a - 1000, axis=0\), at index "
+                     rf"\(\d,\): expected {NUMBER}, got -inf", out), out
+    assert out.count("NOT DONE YET") == 2  # backward and bound wait for the forward
+
+    def softmax_without_g(x, axis=0):
+        out = ns["logsumexp_array"](x.data, axis)
+        return record(out, (x,), lambda g: (np.exp(x.data - np.expand_dims(out, axis)),))
+    assert checks.check_logsumexp_and_iw_bound(ns["logsumexp_array"], softmax_without_g,
+                                               ns["iw_bound"]) is False
+    out = capsys.readouterr().out
+    assert "WRONG GRADIENT: logsumexp backward: for a, at index" in out, out
+
+    without_log_k = lambda log_w: ns["logsumexp"](log_w, axis=0)
+    assert checks.check_logsumexp_and_iw_bound(ns["logsumexp_array"], ns["logsumexp"],
+                                               without_log_k) is False
+    out = capsys.readouterr().out
+    m = re.search(rf"WRONG: importance-weighted bound: iw_bound, at index \(\d,\): "
+                  rf"expected {NUMBER}, got {NUMBER}", out)
+    assert m and float(m.group(2)) - float(m.group(1)) == pytest.approx(math.log(20), rel=1e-5), out
+
+    detached = lambda log_w: Tensor(ns["logsumexp_array"](log_w.data, 0) - math.log(len(log_w)))
+    assert checks.check_logsumexp_and_iw_bound(ns["logsumexp_array"], ns["logsumexp"],
+                                               detached) is False
+    assert "records no graph" in capsys.readouterr().out
+
+
+def reparameterize_with(std_of, backward_of):
+    def reparameterize(mu, var, eps):
+        z = mu.data + std_of(var.data) * eps
+        return record(z, (mu, var), lambda g: backward_of(g, mu, var, eps))
+    return reparameterize
+
+
+def test_wrong_reparameterize(capsys):
+    right_backward = lambda g, mu, var, eps: (sum_to(g, mu.shape),
+                                              sum_to(g * eps * 0.5 / np.sqrt(var.data), var.shape))
+    with_var_as_std = reparameterize_with(lambda v: v, right_backward)
+    assert checks.check_reparameterize(with_var_as_std) is False
+    out = capsys.readouterr().out
+    assert re.search(r"WRONG: reparameterize: z, at mu=.*, var=.*, eps=.*: expected", out), out
+
+    no_sum = reparameterize_with(np.sqrt, lambda g, mu, var, eps:
+                                 (g, g * eps * 0.5 / np.sqrt(var.data)))
+    assert checks.check_reparameterize(no_sum) is False
+    out = capsys.readouterr().out
+    assert "returned a gradient of shape (4, 2, 3) for an input of shape (2, 3)" in out, out
+    assert "sum_to" in out
+
+
+# ----------------------------------------------------------------------------------
+# 2. Layout: what a teacher and the tests rely on
+# ----------------------------------------------------------------------------------
+def test_every_notebook_has_one_blank_one_check_and_a_solution():
+    notebooks = sorted(os.path.splitext(os.path.basename(p))[0]
+                       for p in glob.glob(os.path.join(EXERCISES, "[0-9][0-9]_*.ipynb")))
+    solutions = sorted(os.path.splitext(os.path.basename(p))[0]
+                       for p in glob.glob(os.path.join(EXERCISES, "solutions", "*.py")))
+    assert notebooks == NAMES and solutions == NAMES
+    for name in NAMES:
+        nb = notebook_json(name)
+        assert nb["nbformat"] == 4
+        (blank,) = cells_tagged(nb, "exercise")
+        (check,) = cells_tagged(nb, "check")
+        assert "NotImplementedError" in source(blank)
+        assert source(check).startswith("done = checks.check_")
+        cells = nb["cells"]
+        assert cells.index(blank) < cells.index(check)
+
+
+def test_notebooks_match_their_builder():
+    """The .ipynb files are written by build_exercises.py: an edit made to one side only
+    is caught here."""
+    pytest.importorskip("nbformat", reason="build_exercises.py needs nbformat")
+    import build_exercises
+    for name in NAMES:
+        built = build_exercises.build(name)
+        committed = notebook_json(name)["cells"]
+        assert [(c.cell_type, c.source, c.metadata.get("tags")) for c in built.cells] == \
+            [(c["cell_type"], source(c), c["metadata"].get("tags")) for c in committed], \
+            f"{name}.ipynb differs from build_exercises.py: run it and commit the result"
+
+
+def test_notebooks_are_committed_blank_and_without_outputs():
+    for name in NAMES:
+        for cell in notebook_json(name)["cells"]:
+            if cell["cell_type"] == "code":
+                assert cell["outputs"] == [] and cell["execution_count"] is None, \
+                    f"{name}.ipynb was saved with outputs: clear them before committing"
+
+
+def test_nothing_but_the_solutions_needs_the_solutions_folder():
+    """A teacher deletes solutions/ from the students' copy: nothing else may need it."""
+    for name in NAMES:
+        for cell in notebook_json(name)["cells"]:
+            assert "solutions" not in source(cell) or cell["cell_type"] == "markdown", name
+    with open(os.path.join(EXERCISES, "checks.py")) as f:
+        assert "solutions" not in f.read()
+
+
+def test_readme_lists_every_exercise():
+    with open(os.path.join(EXERCISES, "README.md")) as f:
+        readme = f.read()
+    for name in NAMES:
+        assert name + ".ipynb" in readme
+
+
+def test_the_product_does_not_import_jupyter():
+    jupyter = re.compile(r"^\s*(import|from)\s+(nbformat|nbclient|ipykernel|IPython|jupyter)",
+                         re.MULTILINE)
+    for path in glob.glob(os.path.join(ROOT, "*.py")) + [os.path.join(EXERCISES, "checks.py")]:
+        with open(path) as f:
+            assert not jupyter.search(f.read()), f"{path} imports a Jupyter package"
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        assert not re.search(r"nbformat|nbclient|ipykernel|jupyter", f.read())
+
+
+# ----------------------------------------------------------------------------------
+# 3. The notebooks themselves, run by a Jupyter kernel
+# ----------------------------------------------------------------------------------
+def _need_jupyter():
+    for module in ("nbformat", "nbclient", "ipykernel"):
+        pytest.importorskip(module, reason=f"{module} is needed to run the notebooks")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebook_runs_and_says_not_done_yet(name):
+    _need_jupyter()
+    headlines, errors = grade.grade(name + ".ipynb")
+    assert errors == [], f"{name}.ipynb raised in a cell: {errors}"
+    assert len(headlines) == EXERCISE_CHECKS[name][1], headlines
+    assert all(h.startswith("NOT DONE YET: ") for h in headlines), headlines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_with_the_solution_passes(name):
+    _need_jupyter()
+    headlines, errors = grade.grade(name + ".ipynb", grade.solution_source(name + ".ipynb"))
+    assert errors == [], f"{name}.ipynb with its solution raised in a cell: {errors}"
+    assert len(headlines) == EXERCISE_CHECKS[name][1], headlines
+    assert all(h.startswith("PASS: ") for h in headlines), headlines
+
+
+@pytest.mark.slow
+def test_grade_a_students_folder(tmp_path, capsys):
+    """A student's copy: one exercise solved, one wrong, one with its check cell edited
+    to print PASS (ignored: only the exercise cell is taken); the report says which."""
+    _need_jupyter()
+    import nbformat
+
+    def student(name, code, check=None):
+        nb = nbformat.read(os.path.join(EXERCISES, name + ".ipynb"), as_version=4)
+        grade.fill_in(nb, code)
+        if check is not None:
+            grade.tagged(nb, "check")[0].source = check
+        nbformat.write(nb, str(tmp_path / (name + ".ipynb")))
+
+    student("01_softplus", solution_source("01_softplus"))
+    student("03_gaussian_kl", solution_source("03_gaussian_kl").replace(" - 1)", ")"))
+    student("06_reparameterize", blank_source("06_reparameterize"), check="print('PASS: all')")
+    status = grade.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 1, out
+    assert "01_softplus.ipynb: 2 of 2 parts pass" in out, out
+    assert "03_gaussian_kl.ipynb: 1 of 2 parts pass" in out and "WRONG: KL forward" in out, out
+    assert "06_reparameterize.ipynb: 0 of 2 parts pass" in out, out
