@@ -163,8 +163,11 @@ class Dense(Module):
 # Batch normalisation
 # ----------------------------------------------------------------------------------
 def _column_dot(a, b):
-    """sum_i a[i, j] b[i, j] for every column j (NumPy's einsum needs no temporary)."""
-    return np.einsum("ij,ij->j", a, b)
+    """sum_i a[i, j] b[i, j] for every column j: NumPy's einsum needs no temporary;
+    CuPy's einsum costs more per call than a product and a sum."""
+    if get_array_module(a) is np:
+        return np.einsum("ij,ij->j", a, b)
+    return (a * b).sum(axis=0)
 
 
 def batch_norm_forward(rows, gamma, beta, eps, mean=None, var=None, slope=None):
