@@ -26,6 +26,8 @@ import contextlib
 
 import numpy as np
 
+import kernels  # fused GPU versions of a few array functions (used only for CuPy arrays)
+
 try:  # CuPy is optional: importing it works without a driver, so also ask for a device.
     import cupy
     _CUDA_AVAILABLE = bool(cupy.cuda.is_available())
@@ -446,6 +448,8 @@ def square(x):
 
 def sigmoid_array(x):
     """1 / (1 + e^-x) on a raw array, without overflow: 0.5 * (1 + tanh(x/2))."""
+    if kernels.active(x):
+        return kernels.sigmoid(x)
     xp = get_array_module(x)
     out = xp.tanh(x * 0.5)
     out += 1
@@ -455,6 +459,8 @@ def sigmoid_array(x):
 
 def softplus_array(x):
     """log(1 + e^x) on a raw array, stable for large |x|: max(x, 0) + log1p(e^-|x|)."""
+    if kernels.active(x):
+        return kernels.softplus(x)
     xp = get_array_module(x)
     out = xp.exp(-xp.abs(x))
     xp.log1p(out, out=out)

@@ -27,7 +27,10 @@ import math
 
 import numpy
 
-from autograd import cupy
+try:  # the same optional import as autograd.py (which uses this module, so cannot be imported here)
+    import cupy
+except Exception:
+    cupy = None
 
 _fusion_enabled = True
 
@@ -258,3 +261,27 @@ def batch_norm_backward(g, out, xhat, gamma, var, eps, training, slope=None):
 def running_average(mean, var, m, unbias, running_mean, running_var):
     """running = (1 - m) running + m batch (variance times unbias), in place, one kernel."""
     _batch_norm_kernels()["running"](mean, var, m, unbias, running_mean, running_var)
+
+
+# ----------------------------------------------------------------------------------
+# Softplus and sigmoid (autograd.py uses these on a GPU): one kernel instead of five
+# ----------------------------------------------------------------------------------
+SOFTPLUS_BODY = "y = (x > (T)0 ? x : (T)0) + log1p(exp(-fabs(x)));"
+SIGMOID_BODY = "y = (T)0.5 * ((T)1 + tanh((T)0.5 * x));"
+_unary = {}
+
+
+def _unary_kernel(name, body):
+    if name not in _unary:
+        _unary[name] = cupy.ElementwiseKernel("T x", "T y", body, name)
+    return _unary[name]
+
+
+def softplus(x):
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), one kernel."""
+    return _unary_kernel("lvae_softplus", SOFTPLUS_BODY)(x)
+
+
+def sigmoid(x):
+    """1 / (1 + e^-x) = (1 + tanh(x/2)) / 2, one kernel."""
+    return _unary_kernel("lvae_sigmoid", SIGMOID_BODY)(x)

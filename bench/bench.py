@@ -1043,6 +1043,7 @@ def l2_bytes():
         return 64 * 2 ** 20
 
 
+KERNEL_SIZES = (1 << 16, 1 << 20, 1 << 24)  # elements: 64K, 1M, 16M
 KERNEL_CASES = [  # (op, direction, inputs, outputs)
     ("merge", "forward", 4, 2),
     ("merge", "backward", 6, 4),
@@ -1069,7 +1070,7 @@ def gpu_kernels(res):
         "time; inputs rotate over buffer sets larger than twice the L2, so they come from DRAM.")
     rep(f"  {'op':16s} {'elements':>9s} {'fused gpu':>10s} {'py':>8s} {'unfused gpu':>12s} {'py':>8s}"
         f" {'speedup':>8s} {'fused GB/s':>10s} {'%copy':>6s} {'%nominal':>8s}")
-    sizes = [1 << 16, 1 << 20, 1 << 24]
+    sizes = KERNEL_SIZES
     rng = cupy.random.RandomState(0)
     l2 = l2_bytes()
     res["kernels"] = []
@@ -1097,7 +1098,8 @@ def gpu_kernels(res):
                        speedup=u_gpu / f_gpu)
             res["kernels"].append(row)
             label = f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K"
-            rep(f"  {op + ' ' + direction[:3]:16s} {label:>9s} {f_gpu * 1e6:8.1f}us {f_py * 1e6:6.1f}us "
+            short = f"{op} {'fwd' if direction == 'forward' else 'bwd'}"
+            rep(f"  {short:16s} {label:>9s} {f_gpu * 1e6:8.1f}us {f_py * 1e6:6.1f}us "
                 f"{u_gpu * 1e6:10.1f}us {u_py * 1e6:6.1f}us {u_gpu / f_gpu:7.1f}x {bw / 1e9:10,.0f} "
                 f"{100 * bw / copy_bw:5.0f}% {100 * bw / nominal:7.0f}%")
             del sets
