@@ -12,7 +12,8 @@ import pytest
 
 import autograd
 import layers
-from autograd import Tensor, get_array_module, no_grad, numerical_gradient, to_numpy
+from autograd import Tensor, get_array_module, no_grad, to_numpy
+from op_check import check_op
 from layers import (MLP, Adam, BatchNorm, Dense, GaussianLayer, LeakyReLU, Module, batch_norm,
                     linear, recompute_batchnorm_statistics)
 
@@ -22,33 +23,6 @@ EPS = 1e-4  # batch norm's epsilon (BatchNorm's default)
 # ----------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------
-def check_op(xp, fn, *arrays, expected=None, rtol=1e-5, atol=1e-7, what="op"):
-    """Forward of ``fn`` (Tensors -> Tensor) on ``xp`` against ``expected``; backward of
-    sum(fn(...) * w), w fixed and random, against NumPy finite differences (float64)."""
-    arrays = [np.array(a, dtype=np.float64) for a in arrays]
-    leaves = [Tensor(xp.asarray(a), requires_grad=True) for a in arrays]
-    out = fn(*leaves)
-    if expected is not None:
-        assert out.shape == np.shape(expected), (
-            f"{what}: forward shape should be {np.shape(expected)}, got {out.shape}")
-        np.testing.assert_allclose(to_numpy(out.data), expected, rtol=1e-10, atol=1e-12,
-                                   err_msg=f"{what}: forward should equal the NumPy expression")
-    weights = np.random.default_rng(0).standard_normal(out.shape)
-    out.backward(xp.asarray(weights))
-
-    def scalar(*arrs):
-        with no_grad():
-            return float((to_numpy(fn(*[Tensor(a) for a in arrs]).data) * weights).sum())
-
-    for i, (leaf, a) in enumerate(zip(leaves, arrays)):
-        numeric = numerical_gradient(scalar, [x.copy() for x in arrays], i)
-        assert leaf.grad is not None and leaf.grad.shape == a.shape, (
-            f"{what}: input {i} should get a gradient of shape {a.shape}")
-        np.testing.assert_allclose(
-            to_numpy(leaf.grad), numeric, rtol=rtol, atol=atol,
-            err_msg=f"{what}: backward() for input {i} should match central finite differences")
-
-
 def device_of(xp):
     return "cpu" if xp is np else "cuda"
 
