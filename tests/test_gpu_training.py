@@ -1,0 +1,99 @@
+"""Training on CuPy: one full step against the NumPy step, and a short MNIST run.
+
+Both need a CUDA device (marker `gpu`); they are skipped cleanly without one.
+"""
+import importlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+import autograd
+import kernels
+import layers
+import lvae
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not autograd.cuda_available(), reason="needs CuPy and a CUDA device")]
+
+
+class HostNoise:
+    """The same eps on every device: drawn with NumPy, then moved to the data's device."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def normal(self, shape, like):
+        eps = self.rng.standard_normal(shape).astype(like.dtype)
+        return autograd.get_array_module(like).asarray(eps)
+
+    def new_step(self):
+        pass
+
+
+def one_step(model_kind, device, fused, dtype):
+    """Build a model from fixed weights, take one Adam step, return what it produced."""
+    net = lvae.build_model(model_kind, z_dims=(16, 8, 4), hidden=(128, 64, 32), seed=5)
+    net.astype(dtype)
+    x = (np.random.default_rng(6).random((128, 784)) < 0.3).astype(dtype)
+    if device == "cuda":
+        net.to("cuda")
+    optimizer = layers.Adam(net.parameters(), lr=1e-3, clip_norm=50.0)
+    kernels.set_fusion(fused)
+    try:
+        objective, terms = lvae.elbo(net, autograd.to_device(x, device), HostNoise(7), beta=0.5)
+        optimizer.zero_grad()
+        (-objective).backward()
+        grads = {name: autograd.to_numpy(p.grad) for name, p in net.named_parameters()}
+        optimizer.step()
+    finally:
+        kernels.set_fusion(True)
+    return float(objective.data), grads, net.state_dict()
+
+
+@pytest.mark.parametrize("model_kind", ["lvae", "vae"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_training_step_on_cupy_equals_the_numpy_step(model_kind, fused, dtype):
+    """Same weights, same eps: the objective, every gradient and every updated weight
+    agree with NumPy: gradients to 1e-8 (float64) or 1e-3 (float32) of each array's
+    largest value (at least a thousandth of the largest of all), weights after the step to
+    100 times that of the largest weight. cuBLAS and OpenBLAS sum in different orders."""
+    cpu = one_step(model_kind, "cpu", True, dtype)
+    gpu = one_step(model_kind, "cuda", fused, dtype)
+    rtol = 1e-8 if dtype == np.float64 else 1e-3
+    np.testing.assert_allclose(gpu[0], cpu[0], rtol=rtol, err_msg="objective differs")
+    for what, gpu_arrays, cpu_arrays in (("gradient", gpu[1], cpu[1]), ("weight after the step", gpu[2], cpu[2])):
+        # some gradients are exactly zero in exact arithmetic (a shift that a batch norm
+        # below removes): compare those on the scale of all the arrays, not their own
+        overall = max(np.abs(a).max() for a in cpu_arrays.values())
+        # Adam divides by sqrt(v): a gradient that is zero up to rounding (1e-17) still moves
+        # its weight, by up to ~1e-11, in a direction set by that rounding; so the weights
+        # are compared on the scale of all weights, to 100 x the gradients' tolerance
+        tolerance = rtol if what == "gradient" else 100 * rtol
+        for name, expected in cpu_arrays.items():
+            scale = max(np.abs(expected).max(), 1e-3 * overall) if what == "gradient" else overall
+            np.testing.assert_allclose(gpu_arrays[name], expected, rtol=0, atol=tolerance * scale,
+                                       err_msg=f"{what} {name}: CuPy ({'fused' if fused else 'unfused'}) "
+                                               f"differs from NumPy")
+
+
+def test_a_short_mnist_run_on_the_gpu(tmp_path):
+    """One epoch of the paper's LVAE on MNIST with device=cuda: it learns (test ELBO above
+    -140 nats after one epoch; about -126 is typical) and writes a checkpoint that loads on
+    the CPU."""
+    import train
+    importlib.reload(train)
+    out = tmp_path / "run"
+    assert train.main(["--device=cuda", "--epochs=1", "--warmup=0", "--eval_lk_samples=100",
+                       "--eval_lk_images=200", "--final_lk_samples=0", "--log_interval=0",
+                       f"--out_dir={out}"]) == 0
+    importlib.reload(train)
+    with open(os.path.join(out, "final.json")) as f:
+        final = json.load(f)
+    assert final["test_elbo"] > -140, f"after one epoch on the GPU the test ELBO is {final['test_elbo']}"
+    net = lvae.build_model("lvae")
+    import checkpoint
+    checkpoint.load_weights(os.path.join(out, "ckpt.npz"), net)  # host arrays: loads on the CPU
+    assert autograd.get_array_module(net.output.weight.data) is np
