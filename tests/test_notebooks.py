@@ -36,14 +36,19 @@ def _code_cells(nb):
     return [c for c in nb["cells"] if c["cell_type"] == "code"]
 
 
+def _import_or_skip(module, why):
+    """The module, or a skip naming it (any ImportError counts, e.g. a broken install)."""
+    try:
+        return __import__(module)
+    except ImportError as error:
+        pytest.skip(f"{why} needs {module} (pip install -r requirements-test.txt): {error}")
+
+
 def _jupyter_or_skip():
     """nbformat and nbclient modules, or a skip that names what is missing."""
-    nbformat = pytest.importorskip("nbformat", reason="executing the notebooks needs nbformat "
-                                   "(pip install -r requirements-test.txt)")
-    nbclient = pytest.importorskip("nbclient", reason="executing the notebooks needs nbclient "
-                                   "(pip install -r requirements-test.txt)")
-    pytest.importorskip("ipykernel", reason="executing the notebooks needs ipykernel "
-                        "(pip install -r requirements-test.txt)")
+    nbformat = _import_or_skip("nbformat", "executing the notebooks")
+    nbclient = _import_or_skip("nbclient", "executing the notebooks")
+    _import_or_skip("ipykernel", "executing the notebooks")
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
     try:
         KernelSpecManager().get_kernel_spec("python3")
@@ -108,7 +113,7 @@ def test_committed_notebook_has_the_outputs_of_a_full_run(name):
 def test_committed_notebook_matches_its_generator(name):
     """The .ipynb are written by notebooks/build_notebooks.py: an edit of one without the
     other (or a hand edit of a notebook) shows up here."""
-    pytest.importorskip("nbformat", reason="building the notebooks needs nbformat")
+    _import_or_skip("nbformat", "building the notebooks")
     sys.path.insert(0, NOTEBOOK_DIR)
     try:
         import build_notebooks
