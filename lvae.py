@@ -338,7 +338,11 @@ def _evaluate(model, x, noise, samples=1, kl="analytic"):
 
 
 def kl_per_unit(model, x, noise):
-    """Mean KL of each latent unit over the rows of x: a list (bottom first) of arrays."""
+    """Mean KL of each latent unit over the rows of x: a list (bottom first) of arrays.
+
+    Analytic where the model's KL is analytic; for the VAE's lower layers it is the
+    one-sample estimate log q - log p, whose per-unit mean can be slightly negative.
+    """
     _, layers = _evaluate(model, x, noise)
     return [to_numpy(k.data.reshape(-1, k.shape[-1]).mean(axis=0)) for k in layers.kl_units]
 
@@ -356,7 +360,12 @@ def posterior_means(model, x, noise, samples=10):
 
 def active_units(model, x, noise, threshold=0.01, samples=10):
     """Activity A_u = Cov_x(E_q[z_u | x]) of every unit (Burda et al., 2016); a unit is
-    active when A_u > threshold. Returns (list of activity arrays, list of counts)."""
+    active when A_u > threshold. Returns (list of activity arrays, list of counts).
+
+    With batch norm on the mean heads a unit's activity is about gamma^2 (its batch-norm
+    scale), so units fall below 0.01 only once training has shrunk gamma below 0.1: early
+    in training nearly every unit counts as active. KL per unit tells more then.
+    """
     activity = [m.var(axis=0) for m in posterior_means(model, x, noise, samples)]
     return activity, [int((a > threshold).sum()) for a in activity]
 

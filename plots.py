@@ -1,24 +1,28 @@
 """Figures for a Ladder VAE run: learning curves, KL per layer and unit, samples, codes.
 
-Every function writes one PNG to ``path``, closes its figure and returns ``path``.
-The Agg backend is selected here, before pyplot is imported, so the module runs on a
-machine without a display (a server, CI).
+Every function writes one PNG to ``path`` and returns ``path``. Figures are made with
+matplotlib's object interface (``Figure``), not pyplot: no window and no backend choice
+are involved, so the module runs on a machine without a display (a server, CI) and does
+not change the backend of a notebook that imports it.
 
 Inputs are plain Python / NumPy data, as written by training: ``metrics`` is the list
 of per-epoch dicts read from the JSONL metrics file, and per-layer lists are ordered
 bottom first (``z1`` is the layer nearest the data).
 """
 import matplotlib
-
-matplotlib.use("Agg")  # headless: must come before pyplot is imported
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 DPI = 110
 
 
 # ---------------------------------------------------------------- helpers
+
+def _subplots(nrows=1, ncols=1, figsize=None, layout=None, **kwargs):
+    """Like pyplot.subplots, on a Figure that no window or backend manages."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
 
 def _check_metrics(metrics, keys):
     """Raise ValueError unless ``metrics`` is a non-empty list of dicts holding ``keys``."""
@@ -31,9 +35,8 @@ def _check_metrics(metrics, keys):
 
 
 def _save(fig, path):
-    """Write ``fig`` to ``path`` as PNG, close it, and return ``path``."""
+    """Write ``fig`` to ``path`` as PNG and return ``path``."""
     fig.savefig(path, dpi=DPI, format="png", bbox_inches="tight", pad_inches=0.1)
-    plt.close(fig)
     return path
 
 
@@ -72,7 +75,7 @@ def learning_curves(metrics, path):
     """
     _check_metrics(metrics, ["epoch", "train_elbo"])
     epochs = [m["epoch"] for m in metrics]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _subplots(figsize=(7, 4.5))
     ax.plot(epochs, [m["train_elbo"] for m in metrics], label="train ELBO", lw=1.5)
 
     def evaluated(key):
@@ -115,7 +118,7 @@ def kl_per_layer(metrics, path, units=None):
     n_layers = kl.shape[1]
     if units is not None and len(units) != n_layers:
         raise ValueError(f"units has {len(units)} entries but kl has {n_layers} layers")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _subplots(figsize=(7, 4.5))
     for i in range(n_layers):
         label = f"z{i + 1}" + (f" ({units[i]} units)" if units is not None else "")
         ax.plot(epochs, kl[:, i], lw=1.5, label=label)
@@ -157,9 +160,9 @@ def kl_per_unit(kl_units, path, active_threshold=0.01, activity=None):
     grid = np.ma.masked_all((len(rows), width))
     for i, r in enumerate(rows):
         grid[i, :len(r)] = np.sort(r)[::-1]
-    fig, ax = plt.subplots(figsize=(min(14, 4 + 0.15 * width), 1.4 + 0.5 * len(rows)),
+    fig, ax = _subplots(figsize=(min(14, 4 + 0.15 * width), 1.4 + 0.5 * len(rows)),
                            layout="constrained")
-    cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # padding is blank
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")  # padding is blank
     im = ax.imshow(grid, aspect="auto", cmap=cmap, interpolation="nearest")
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"z{i + 1} ({len(r)})" for i, r in enumerate(rows)])
@@ -188,7 +191,7 @@ def image_grid(images, path, title=None, rows=None, shape=(28, 28)):
     cols = int(np.ceil(np.sqrt(n))) if rows is None else int(np.ceil(n / int(rows)))
     rows = int(np.ceil(n / cols))
     canvas = _tile(imgs, rows, cols)
-    fig, ax = plt.subplots(figsize=(max(2.0, 0.5 * cols), max(2.0, 0.5 * rows) + 0.4))
+    fig, ax = _subplots(figsize=(max(2.0, 0.5 * cols), max(2.0, 0.5 * rows) + 0.4))
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     if title:
@@ -205,7 +208,7 @@ def reconstructions(originals, recons, path, n=10, shape=(28, 28)):
         raise ValueError(f"originals {orig.shape} and recons {rec.shape} differ in shape")
     n = min(n, len(orig))
     canvas = _tile(np.concatenate([orig[:n], rec[:n]]), 2, n)
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.6 * n), 1.8))
+    fig, ax = _subplots(figsize=(max(3.0, 0.6 * n), 1.8))
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([shape[0] / 2, shape[0] * 1.5 + 1])
@@ -258,7 +261,7 @@ def pca_codes(codes, labels, path):
     L = len(codes)
     ncols = min(L, 3)
     nrows = int(np.ceil(L / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 1.0, 3.4 * nrows),
+    fig, axes = _subplots(nrows, ncols, figsize=(3.2 * ncols + 1.0, 3.4 * nrows),
                              squeeze=False, layout="constrained")
     for ax in axes.flat[L:]:  # unused cells of the last row
         ax.axis("off")

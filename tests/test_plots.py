@@ -2,6 +2,8 @@
 
 CPU only, a few seconds in all. Skipped where matplotlib is not installed.
 """
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,8 +46,20 @@ def fake_metrics(epochs=30, eval_every=10, layers=5):
     return out
 
 
-def test_module_selects_headless_backend():
-    assert matplotlib.get_backend().lower() == "agg"
+def test_plots_need_no_display_and_leave_the_backend_alone(tmp_path):
+    """A notebook's (or any caller's) backend stays as it was; no pyplot, no window."""
+    script = (
+        "import sys, matplotlib, numpy as np\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "matplotlib.use('svg')\n"
+        "import plots\n"
+        f"plots.image_grid(np.zeros((4, 784)), {str(tmp_path / 'g.png')!r})\n"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "DISPLAY": "", "MPLBACKEND": ""})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "g.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_learning_curves(tmp_path):
