@@ -265,8 +265,12 @@ def elbo(model, x, noise, beta=1.0):
 
 
 def log_weights(model, x, noise, samples):
-    """log p(x, z^k) - log q(z^k | x) for K = samples posterior draws: a (K, B) Tensor."""
-    log_px, layers = model(x, noise, samples=samples, kl="sample")
+    """log w_k = log p(x, z^k) - log q(z^k | x) for K = samples posterior draws: a (K, B)
+    Tensor. With one-sample KL terms, log w = log p(x | z) - sum_i (log q - log p)(z_i)."""
+    return _log_weights(*model(x, noise, samples=samples, kl="sample"))
+
+
+def _log_weights(log_px, layers):
     log_w = log_px
     for k in layers.kl:
         log_w = log_w - k
@@ -281,9 +285,7 @@ def iw_bound(model, x, noise, samples):
     averaged over the K samples ('elbo' is the mean log-weight).
     """
     log_px, layers = model(x, noise, samples=samples, kl="sample")
-    log_w = log_px
-    for k in layers.kl:
-        log_w = log_w - k
+    log_w = _log_weights(log_px, layers)
     objective = (logsumexp(log_w, axis=0) - math.log(samples)).mean()
     terms = {"elbo": log_w.data.mean(), "log_px": log_px.data.mean(),
              "kl": [k.data.mean() for k in layers.kl]}
