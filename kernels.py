@@ -1,6 +1,11 @@
-"""Fused CuPy kernels for the Gaussian ops of gaussian.py (merge, KL, log-density).
+"""Fused CuPy kernels: each replaces a chain of array operations by one GPU kernel.
 
-Per element, with s = 1 / (var_hat + var_p) and the same forms as gaussian.py:
+    the Gaussian ops of gaussian.py   merge, KL, log-density, forward and backward
+    batch norm (+ leaky ReLU)         for layers.batch_norm, three kernels per direction
+    Adam                              the whole update of one parameter
+    softplus, sigmoid                 for autograd.py
+
+For the Gaussian ops, per element, with s = 1 / (var_hat + var_p) and the same forms as gaussian.py:
 
     merge        mu_q  = (mu_hat var_p + mu_p var_hat) s,    var_q = var_hat var_p s
     gaussian_kl  kl    = 0.5 (log var_p - log var_q + (var_q + (mu_q - mu_p)^2) / var_p - 1)
@@ -17,8 +22,10 @@ writes each gradient once.
 Each kernel body is a module-level string of plain C: arithmetic, log and `(T)` casts,
 where T is CuPy's type placeholder (float or double, taken from the arrays), so one body
 serves float32 and float64 and float literals are cast to T (no silent double maths in
-float32). tests/test_kernels.py compiles the same strings with the C compiler and
-compares them with gaussian.py's NumPy reference, so they are checked without a GPU.
+float32). tests/test_kernels.py and tests/test_kernel_bodies.py compile the same strings
+with the C compiler and compare them with the NumPy code they replace (gaussian.py,
+layers.py, autograd.py), so they are checked without a GPU; the GPU tests compare the
+kernels themselves with that code.
 
 Use ``active(array)`` to ask whether the fused path is taken (CuPy arrays while fusion
 is on); ``set_fusion(False)`` runs the plain CuPy reference instead, for comparisons.
