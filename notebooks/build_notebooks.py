@@ -9,7 +9,6 @@ The notebooks are generated so that their source stays clean and reviewable here
 file, not the .ipynb, and run it again. Needs nbformat (and nbclient + ipykernel to execute);
 the library itself does not depend on Jupyter.
 """
-import os
 import sys
 import time
 from pathlib import Path
