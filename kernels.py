@@ -113,16 +113,27 @@ KERNELS = {
                             LOG_NORMAL_BWD_BODY),
 }
 
-_built = {}  # name -> cupy.ElementwiseKernel, made on first use
+_built = {}  # name -> CuPy kernel, made on first use (CuPy compiles it per dtype on first call)
+
+
+def _elementwise(name, in_params, out_params, body):
+    """The ElementwiseKernel called ``name``, built once."""
+    if name not in _built:
+        _built[name] = cupy.ElementwiseKernel(in_params, out_params, body, name)
+    return _built[name]
+
+
+def _reduction(name, in_params, out_params, map_expr, post_expr):
+    """The ReductionKernel called ``name`` (a sum of map_expr), built once."""
+    if name not in _built:
+        _built[name] = cupy.ReductionKernel(in_params, out_params, map_expr, "a + b", post_expr,
+                                            "0", name)
+    return _built[name]
 
 
 def _kernel(name):
-    """The ElementwiseKernel called ``name``, built once (CuPy compiles it per dtype)."""
-    kernel = _built.get(name)
-    if kernel is None:
-        in_params, out_params, body = KERNELS[name]
-        kernel = _built[name] = cupy.ElementwiseKernel(in_params, out_params, body, name)
-    return kernel
+    """The Gaussian-op kernel called ``name`` (see KERNELS)."""
+    return _elementwise(name, *KERNELS[name])
 
 
 def _call(name, *args):
@@ -183,18 +194,14 @@ m = b1 * m + ((T)1 - b1) * g;
 v = b2 * v + ((T)1 - b2) * g * g;
 p -= step_size * m / (sqrt(v) + eps_hat);
 """
-_adam = None
 
 
 def adam_update(p, grad, m, v, scale, b1, b2, step_size, eps_hat):
     """In place: m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, p -= step_size m / (sqrt(v) + eps_hat),
     with g = scale * grad; the eleven array operations of the plain code in one pass."""
-    global _adam
-    if _adam is None:
-        _adam = cupy.ElementwiseKernel(
-            "T grad, T scale, T b1, T b2, T step_size, T eps_hat", "T p, T m, T v",
-            ADAM_BODY, "lvae_adam_update")
-    _adam(grad, scale, b1, b2, step_size, eps_hat, p, m, v)
+    kernel = _elementwise("lvae_adam_update", "T grad, T scale, T b1, T b2, T step_size, T eps_hat",
+                          "T p, T m, T v", ADAM_BODY)
+    kernel(grad, scale, b1, b2, step_size, eps_hat, p, m, v)
 
 
 # ----------------------------------------------------------------------------------
@@ -219,55 +226,40 @@ running_mean = ((T)1 - m) * running_mean + m * mean;
 running_var = ((T)1 - m) * running_var + m * unbias * var;
 """
 
-_bn = {}
-
-
-def _batch_norm_kernels():
-    if not _bn:
-        _bn["var"] = cupy.ReductionKernel(
-            "T x, T mean, T n", "T var", "(x - mean) * (x - mean)", "a + b", "var = a / n",
-            "0", "lvae_bn_var")
-        _bn["fwd"] = cupy.ElementwiseKernel(
-            "T x, T mean, T var, T gamma, T beta, T eps, T slope", "T xhat, T out",
-            BATCH_NORM_FWD_BODY, "lvae_bn_fwd")
-        _bn["sum_gy"] = cupy.ReductionKernel(
-            "T g, T out, T slope", "T s", "out > (T)0 ? g : g * slope", "a + b", "s = a", "0",
-            "lvae_bn_dbeta")
-        _bn["sum_gy_xhat"] = cupy.ReductionKernel(
-            "T g, T out, T xhat, T slope", "T s", "(out > (T)0 ? g : g * slope) * xhat",
-            "a + b", "s = a", "0", "lvae_bn_dgamma")
-        _bn["bwd"] = cupy.ElementwiseKernel(
-            "T g, T out, T xhat, T gamma, T var, T eps, T dbeta, T dgamma, T n, T slope, "
-            "bool training", "T dx", BATCH_NORM_BWD_BODY, "lvae_bn_bwd")
-        _bn["running"] = cupy.ElementwiseKernel(
-            "T mean, T var, T m, T unbias", "T running_mean, T running_var",
-            RUNNING_AVERAGE_BODY, "lvae_bn_running")
-    return _bn
+# the leaky ReLU's derivative applied to g, as the reductions below use it
+GRAD_THROUGH_LEAKY = "(out > (T)0 ? g : g * slope)"
 
 
 def batch_norm_forward(rows, gamma, beta, eps, mean=None, var=None, slope=None):
     """Fused version of layers.batch_norm_forward: (out, xhat, mean, var)."""
-    k = _batch_norm_kernels()
     if mean is None:
         mean = rows.mean(axis=0)
-        var = k["var"](rows, mean, len(rows), axis=0)
-    xhat, out = k["fwd"](rows, mean, var, gamma, beta, eps, 1.0 if slope is None else slope)
+        var = _reduction("lvae_bn_var", "T x, T mean, T n", "T var", "(x - mean) * (x - mean)",
+                         "var = a / n")(rows, mean, len(rows), axis=0)
+    forward = _elementwise("lvae_bn_fwd", "T x, T mean, T var, T gamma, T beta, T eps, T slope",
+                           "T xhat, T out", BATCH_NORM_FWD_BODY)
+    xhat, out = forward(rows, mean, var, gamma, beta, eps, 1.0 if slope is None else slope)
     return out, xhat, mean, var
 
 
 def batch_norm_backward(g, out, xhat, gamma, var, eps, training, slope=None):
     """Fused version of layers.batch_norm_backward: (dx, dgamma, dbeta)."""
-    k = _batch_norm_kernels()
     slope = 1.0 if slope is None else slope
-    dbeta = k["sum_gy"](g, out, slope, axis=0)
-    dgamma = k["sum_gy_xhat"](g, out, xhat, slope, axis=0)
-    dx = k["bwd"](g, out, xhat, gamma, var, eps, dbeta, dgamma, len(g), slope, training)
+    dbeta = _reduction("lvae_bn_dbeta", "T g, T out, T slope", "T s", GRAD_THROUGH_LEAKY,
+                       "s = a")(g, out, slope, axis=0)
+    dgamma = _reduction("lvae_bn_dgamma", "T g, T out, T xhat, T slope", "T s",
+                        GRAD_THROUGH_LEAKY + " * xhat", "s = a")(g, out, xhat, slope, axis=0)
+    backward = _elementwise("lvae_bn_bwd", "T g, T out, T xhat, T gamma, T var, T eps, T dbeta, "
+                            "T dgamma, T n, T slope, bool training", "T dx", BATCH_NORM_BWD_BODY)
+    dx = backward(g, out, xhat, gamma, var, eps, dbeta, dgamma, len(g), slope, training)
     return dx, dgamma, dbeta
 
 
 def running_average(mean, var, m, unbias, running_mean, running_var):
     """running = (1 - m) running + m batch (variance times unbias), in place, one kernel."""
-    _batch_norm_kernels()["running"](mean, var, m, unbias, running_mean, running_var)
+    kernel = _elementwise("lvae_bn_running", "T mean, T var, T m, T unbias",
+                          "T running_mean, T running_var", RUNNING_AVERAGE_BODY)
+    kernel(mean, var, m, unbias, running_mean, running_var)
 
 
 # ----------------------------------------------------------------------------------
@@ -275,20 +267,13 @@ def running_average(mean, var, m, unbias, running_mean, running_var):
 # ----------------------------------------------------------------------------------
 SOFTPLUS_BODY = "y = (x > (T)0 ? x : (T)0) + log1p(exp(-fabs(x)));"
 SIGMOID_BODY = "y = (T)0.5 * ((T)1 + tanh((T)0.5 * x));"
-_unary = {}
-
-
-def _unary_kernel(name, body):
-    if name not in _unary:
-        _unary[name] = cupy.ElementwiseKernel("T x", "T y", body, name)
-    return _unary[name]
 
 
 def softplus(x):
     """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), one kernel."""
-    return _unary_kernel("lvae_softplus", SOFTPLUS_BODY)(x)
+    return _elementwise("lvae_softplus", "T x", "T y", SOFTPLUS_BODY)(x)
 
 
 def sigmoid(x):
     """1 / (1 + e^-x) = (1 + tanh(x/2)) / 2, one kernel."""
-    return _unary_kernel("lvae_sigmoid", SIGMOID_BODY)(x)
+    return _elementwise("lvae_sigmoid", "T x", "T y", SIGMOID_BODY)(x)
