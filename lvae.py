@@ -30,6 +30,7 @@ The importance-weighted bound (Burda et al., 2016) with K samples z^k ~ q(z|x):
 
     L_K = log (1/K) sum_k exp( log p(x, z^k) - log q(z^k|x) ),   L_1 = ELBO <= L_K <= log p(x)
 """
+import contextlib
 import math
 
 import numpy as np
@@ -302,41 +303,44 @@ def log_likelihood_bound(model, x, samples=5000, noise=None, batch_size=100,
     """
     noise = noise if noise is not None else Noise(0)
     xp = get_array_module(model.output.weight.data)
-    was_training = model.training
-    model.eval()
     results = []
-    try:
-        with no_grad():
-            for start in range(0, len(x), batch_size):
-                xb = xp.asarray(x[start:start + batch_size])
-                chunk = max(1, min(samples, max_rows // len(xb)))
-                total = None
-                for done in range(0, samples, chunk):
-                    k = min(chunk, samples - done)
-                    noise.new_step()
-                    lse = logsumexp(log_weights(model, xb, noise, k), axis=0).data
-                    total = lse if total is None else xp.logaddexp(total, lse)
-                results.append(to_numpy(total - math.log(samples)))
-                if progress is not None:
-                    progress(min(start + batch_size, len(x)), len(x))
-    finally:
-        model.train(was_training)
+    with evaluation(model):
+        for start in range(0, len(x), batch_size):
+            xb = xp.asarray(x[start:start + batch_size])
+            chunk = max(1, min(samples, max_rows // len(xb)))
+            total = None
+            for done in range(0, samples, chunk):
+                k = min(chunk, samples - done)
+                noise.new_step()
+                lse = logsumexp(log_weights(model, xb, noise, k), axis=0).data
+                total = lse if total is None else xp.logaddexp(total, lse)
+            results.append(to_numpy(total - math.log(samples)))
+            if progress is not None:
+                progress(min(start + batch_size, len(x)), len(x))
     return np.concatenate(results)
 
 
 # ----------------------------------------------------------------------------------
 # Analysis: KL per unit, active units, samples, reconstructions
 # ----------------------------------------------------------------------------------
-def _evaluate(model, x, noise, samples=1, kl="analytic"):
-    """Inference in evaluation mode without gradients; restores the model's mode."""
+@contextlib.contextmanager
+def evaluation(model):
+    """Evaluation mode (batch norm with its running averages) without recording
+    gradients; the model's previous mode is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
         with no_grad():
-            xb = get_array_module(model.output.weight.data).asarray(x)
-            return model(xb, noise, samples=samples, kl=kl)
+            yield
     finally:
         model.train(was_training)
+
+
+def _evaluate(model, x, noise, samples=1, kl="analytic"):
+    """Inference on x in evaluation mode: (log_px, Layers)."""
+    with evaluation(model):
+        xb = get_array_module(model.output.weight.data).asarray(x)
+        return model(xb, noise, samples=samples, kl=kl)
 
 
 def kl_per_unit(model, x, noise):
@@ -375,19 +379,14 @@ def active_units(model, x, noise, threshold=0.01, samples=10):
 def sample_prior(model, n, noise):
     """n images drawn from the model: z_L ~ N(0, I), then z_i ~ p(z_i|z_i+1), then
     the Bernoulli means sigmoid(logits). Returns a NumPy array (n, x_dim)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad():
-            like = model.output.weight.data
-            top = model.n_layers - 1
-            z = Tensor(noise.normal((n, model.z_dims[top]), like=like))
-            for i in range(top - 1, -1, -1):
-                mu, var = model.prior(i, z)
-                z = reparameterize(mu, var, noise.normal(mu.shape, like=like))
-            return to_numpy(sigmoid_array(model.decode(z).data))
-    finally:
-        model.train(was_training)
+    with evaluation(model):
+        like = model.output.weight.data
+        top = model.n_layers - 1
+        z = Tensor(noise.normal((n, model.z_dims[top]), like=like))
+        for i in range(top - 1, -1, -1):
+            mu, var = model.prior(i, z)
+            z = reparameterize(mu, var, noise.normal(mu.shape, like=like))
+        return to_numpy(sigmoid_array(model.decode(z).data))
 
 
 def reconstruct(model, x, noise):

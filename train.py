@@ -93,14 +93,12 @@ def test_elbo(net, test_x, noise):
     """Mean test ELBO in evaluation mode (batch norm with its running averages)."""
     totals, n = 0.0, 0
     xp = get_array_module(net.output.weight.data)
-    net.eval()
-    with lvae.no_grad():
+    with lvae.evaluation(net):
         for start in range(0, len(test_x), 1000):
             xb = xp.asarray(test_x[start:start + 1000])
             _, terms = lvae.elbo(net, xb, noise)
             totals += float(terms["elbo"]) * len(xb)
             n += len(xb)
-    net.train()
     return totals / n
 
 
