@@ -38,7 +38,7 @@ import numpy as np
 from autograd import (Tensor, bernoulli_log_prob, get_array_module, logsumexp, no_grad,
                       sigmoid_array, to_numpy)
 from gaussian import gaussian_kl, log_normal, merge, reparameterize
-from layers import MLP, Dense, GaussianLayer, Module
+from layers import MLP, Dense, GaussianLayer, Module, fold_batch_norm
 
 PAPER_Z_DIMS = (64, 32, 16, 8, 4)          # stochastic layers, bottom to top
 PAPER_HIDDEN = (512, 256, 128, 64, 32)     # width of the deterministic block of each layer
@@ -300,10 +300,13 @@ def log_likelihood_bound(model, x, samples=5000, noise=None, batch_size=100,
     Memory stays bounded whatever K is: images go in batches and samples in chunks of at
     most ``max_rows`` rows, and the log-sum-exp over samples is accumulated as we go:
     LSE(a u b) = logaddexp(LSE(a), LSE(b)). progress(done, total) is called per batch.
+    The batch norms are folded into their dense layers first (``layers.fold_batch_norm``):
+    the same bound, computed with fewer passes over the K samples.
     """
     noise = noise if noise is not None else Noise(0)
     xp = get_array_module(model.output.weight.data)
     results = []
+    model = fold_batch_norm(model)
     with evaluation(model):
         for start in range(0, len(x), batch_size):
             xb = xp.asarray(x[start:start + batch_size])

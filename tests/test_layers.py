@@ -312,6 +312,57 @@ def test_gaussian_layer(xp, use_bn):
         assert np.all(np.isfinite(to_numpy(p.grad))), f"the gradient of {name} should be finite"
 
 
+def randomise_batch_norms(module, rng):
+    """Running statistics, gamma and beta far from their initial 0 / 1 values."""
+    for bn in module.modules():
+        if isinstance(bn, BatchNorm):
+            n = bn.gamma.shape[0]
+            xp = get_array_module(bn.gamma.data)
+            bn.running_mean.data[...] = xp.asarray(rng.standard_normal(n))
+            bn.running_var.data[...] = xp.asarray(rng.uniform(0.1, 3.0, n))
+            bn.gamma.data[...] = xp.asarray(rng.uniform(0.3, 2.0, n))
+            bn.beta.data[...] = xp.asarray(rng.standard_normal(n))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+def test_fold_dense_and_norm_is_evaluation_mode_batch_norm(xp, bias):
+    rng = np.random.default_rng(20)
+    dense = Dense(6, 4, bias=bias, rng=rng).to(device_of(xp)).astype(np.float64)
+    if bias:
+        dense.bias.data[...] = xp.asarray(rng.standard_normal(4))
+    norm = BatchNorm(4).to(device_of(xp)).astype(np.float64)
+    randomise_batch_norms(norm, rng)
+    norm.eval()
+    x = Tensor(xp.asarray(rng.standard_normal((5, 6))))
+    expected = to_numpy(norm(dense(x)).data)
+    folded = layers.fold_dense_and_norm(dense, norm)
+    np.testing.assert_allclose(to_numpy(folded(x).data), expected, rtol=1e-12, atol=1e-12,
+                               err_msg="x (W a) + (a (b - m) + beta) should equal BN(x W + b)")
+
+
+def test_fold_batch_norm_keeps_outputs_and_leaves_the_model_alone(xp):
+    rng = np.random.default_rng(21)
+    model = Module()
+    model.block = MLP(6, [5, 4], rng=rng)
+    model.head = GaussianLayer(4, 3, rng=rng)
+    model.to(device_of(xp)).astype(np.float64)
+    randomise_batch_norms(model, rng)
+    before = model.state_dict()
+    x = Tensor(xp.asarray(rng.standard_normal((7, 6))))
+    folded = layers.fold_batch_norm(model)
+    model.eval()
+    expected = [to_numpy(t.data) for t in model.head(model.block(x))]
+    got = [to_numpy(t.data) for t in folded.head(folded.block(x))]
+    for e, g, name in zip(expected, got, ("mu", "var")):
+        np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-12,
+                                   err_msg=f"{name} of the folded copy should equal eval mode")
+    assert not any(isinstance(m, BatchNorm) for m in folded.modules()), "no batch norm left"
+    assert not folded.training, "the folded copy is for evaluation"
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=f"{name} was changed")
+    assert len(model.block.norms) == 2 and model.head.mean_norm is not None
+
+
 # ----------------------------------------------------------------------------------
 # Module: parameters, state_dict, modes, devices
 # ----------------------------------------------------------------------------------

@@ -239,6 +239,32 @@ def test_l1_bound_equals_the_elbo_estimate():
     np.testing.assert_allclose(bound.mean(), terms["elbo"], rtol=1e-12)
 
 
+@pytest.mark.parametrize("kind", MODELS)
+def test_log_likelihood_bound_folds_batch_norm_without_changing_the_bound(kind):
+    """log_likelihood_bound evaluates a copy with the batch norms folded into the dense
+    layers: the log-weights must be those of the model in evaluation mode, and the model
+    itself must be left as it was."""
+    from layers import BatchNorm, fold_batch_norm
+    model = tiny_model(kind, seed=8).train()
+    rng = np.random.default_rng(3)
+    for bn in model.modules():
+        if isinstance(bn, BatchNorm):
+            n = bn.gamma.shape[0]
+            bn.running_mean.data[...] = rng.standard_normal(n)
+            bn.running_var.data[...] = rng.uniform(0.1, 3.0, n)
+            bn.beta.data[...] = rng.standard_normal(n)
+    x = binary_batch(6)
+    with no_grad():
+        folded = lvae.log_weights(fold_batch_norm(model), x, lvae.Noise(4), 5).data
+        model.eval()
+        plain = lvae.log_weights(model, x, lvae.Noise(4), 5).data
+    np.testing.assert_allclose(folded, plain, rtol=1e-10, atol=1e-10)
+    bound = lvae.log_likelihood_bound(model.train(), x, 5, lvae.Noise(4), batch_size=6)
+    lse = np.logaddexp.reduce(plain, axis=0) - np.log(5)
+    np.testing.assert_allclose(bound, lse, rtol=1e-10)
+    assert model.training and any(isinstance(m, BatchNorm) for m in model.modules())
+
+
 def test_log_likelihood_bound_memory_is_bounded_by_max_rows(monkeypatch):
     shapes = []
     real = lvae.Noise.normal
