@@ -601,3 +601,21 @@ def test_evaluate_rebuilds_the_trained_model(run, tmp_path):
 def test_evaluate_bad_checkpoint(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         evaluate.main([str(tmp_path / "nothing.npz"), "--samples=2"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not autograd.cuda_available(),
+                                        reason="needs CuPy and a CUDA device")])])
+def test_epoch_on_device_gives_the_same_batches_and_generator_state(device):
+    """train.py moves a GPU epoch in one copy: the batches (the last one partial) and the
+    data generator's state afterwards must be those of the per-batch stream."""
+    x = np.random.default_rng(0).random((10, 6)).astype(np.float32)
+    rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
+    expected = list(data.iterate_minibatches(x, 4, rng_a))
+    got = train.epoch_on_device(data.iterate_minibatches(x, 4, rng_b), device)
+    assert [len(b) for b in got] == [4, 4, 2]
+    for e, g in zip(expected, got):
+        assert autograd.get_array_module(g) is autograd.get_array_module(
+            autograd.to_device(e, device)), f"batches should live on {device}"
+        np.testing.assert_array_equal(autograd.to_numpy(g), e)
+    assert rng_a.bit_generator.state == rng_b.bit_generator.state
