@@ -924,6 +924,13 @@ def cpu_summary(res):
             f"{n_evals} periodic evaluations (test ELBO + L_{k} on {images} images, train.py "
             f"defaults) at {r:,.0f} samples/s: {periodic_h:.1f} h; final L_{train.final_lk_samples} "
             f"on {MNIST_TEST} images: {final_h:.1f} h; total {res['recipe_h']:.1f} h")
+        if "lvae_gemms" in res:
+            # the floor of any implementation that runs these GEMMs with this BLAS
+            floor_h = train.epochs * (STEPS_PER_EPOCH * res["lvae_gemms"]
+                                      + res.get("data_epoch_s", 0.0)) / 3600
+            rep(f"  floor: with no work but the step's own GEMMs (A2: {ms(res['lvae_gemms'])}) "
+                f"and the data pipeline, {train.epochs} epochs take {floor_h:.1f} h; with the "
+                f"evaluations above, {floor_h + periodic_h + final_h:.1f} h")
     rep("  targets (reported, not asserted):")
     if "lvae_ratio" in res:
         r = res["lvae_ratio"]
