@@ -837,7 +837,7 @@ def eval_throughput(res):
     rows_per_s = n * 5000 / t
     res["eval_rows_per_s"] = rows_per_s
     res["eval_images_per_s"] = n / t
-    rep(f"  {n} test images, K = 5000, default batch_size 100 / max_rows 20000: {t:.1f} s -> "
+    rep(f"  {n} test images, K = 5000, default batch_size 100 / max_rows {lvae.MAX_ROWS['cpu']}: {t:.1f} s -> "
         f"{n / t:.2f} images/s ({rows_per_s:,.0f} samples/s); full test set ({MNIST_TEST} images) "
         f"~ {MNIST_TEST / (n / t) / 60:.0f} min")
     # memory against K: with max_rows = 2000 and 2 images a chunk holds at most 1000
@@ -853,7 +853,7 @@ def eval_throughput(res):
     rep("  memory against K (tracemalloc peak; 2 images, max_rows=2000 so chunks cap at 1000 "
         "samples): " + ", ".join(f"K={k}: {mib(v):.1f} MiB" for k, v in peaks.items())
         + f"; K=5000 / K=1000 = {res['eval_peak_ratio']:.2f} (1.0 = independent of K once the "
-          f"chunk is at its cap; the default cap is 20000 rows: see A5 for its RSS)")
+          f"chunk is at its cap; the default cap is {lvae.MAX_ROWS['cpu']} rows: see A5 for its RSS)")
 
 
 # ----------------------------------------------------------------------------- A5 peak memory
@@ -895,7 +895,7 @@ def peak_memory(res):
     epoch = re.search(r"epoch 1:.*?([\d.]+)s( \||$)", proc.stdout, re.M)
     rep(f"  python train.py {' '.join(TRAIN_RUN_ARGS)}: the whole recipe at full size (real "
         f"MNIST loader, one epoch of LVAE-5 at batch {BATCH}, test ELBO, L_1000 and L_5000 at "
-        f"their 20000-row chunk cap, batch-norm recomputation over the training set, plots, "
+        f"their default chunk cap, batch-norm recomputation over the training set, plots, "
         f"checkpoint), fewer epochs and test images; {pc() - t0:.0f} s")
     rep(f"  peak resident set (VmHWM of the child at exit): {peak:.0f} MiB = {peak * 2 ** 20 / 1e9:.2f} GB")
     if epoch:
@@ -1181,9 +1181,9 @@ def gpu_eval(res):
     t = pc() - t0
     full_min = t / n * MNIST_TEST / 60
     res["gpu_eval_min"] = full_min
-    rep(f"  {n} test images, K = 5000 (batch_size 100, max_rows 20000): {t:.1f} s -> {n / t:.1f} "
+    rep(f"  {n} test images, K = 5000 (batch_size 100, max_rows {lvae.MAX_ROWS['cuda']}): {t:.1f} s -> {n / t:.1f} "
         f"images/s; full test set ({MNIST_TEST} images) ~ {full_min:.1f} min (extrapolated); "
-        f"CuPy pool after it {mib(pool.total_bytes()):.0f} MiB (bounded by the 20000-row chunks)")
+        f"CuPy pool after it {mib(pool.total_bytes()):.0f} MiB (bounded by the {lvae.MAX_ROWS['cuda']}-row chunks)")
 
 
 def gpu_summary(res):

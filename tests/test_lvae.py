@@ -288,6 +288,21 @@ def test_log_likelihood_bound_memory_is_bounded_by_max_rows(monkeypatch):
     assert calls == [(10, 25), (20, 25), (25, 25)]
 
 
+def test_log_likelihood_bound_default_chunks_follow_max_rows(monkeypatch):
+    """Without max_rows, a NumPy model's chunks hold at most lvae.MAX_ROWS['cpu'] rows."""
+    shapes = []
+    real = lvae.Noise.normal
+    monkeypatch.setattr(lvae.Noise, "normal",
+                        lambda self, shape, like: shapes.append(tuple(shape)) or real(self, shape, like))
+    model = tiny_model("lvae")
+    x = binary_batch(30)
+    lvae.log_likelihood_bound(model, x, 1000, lvae.Noise(0), batch_size=30)
+    rows = [int(np.prod(s[:-1])) for s in shapes]
+    cap = lvae.MAX_ROWS["cpu"]
+    assert max(rows) == cap // 30 * 30, f"chunks of {max(rows)} rows, expected {cap // 30 * 30}"
+    assert sum(rows) == 1000 * 30 * model.n_layers
+
+
 def test_log_likelihood_bound_with_more_images_than_max_rows(monkeypatch):
     """A batch larger than max_rows still works (one sample per chunk)."""
     shapes = []
