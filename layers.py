@@ -7,6 +7,8 @@ LeakyReLU     y = max(x, slope * x)
 MLP           a block of dense layers, each followed by batch norm and leaky ReLU
 GaussianLayer (mu, var) heads: mu = W_mu h + b, var = softplus(W_v h + b) + eps
 Adam          Adam with optional clipping of the global gradient norm
+fold_batch_norm  an evaluation-only copy of a model with each batch norm folded into
+              its dense layer (y = x (W a) + (a (b - m) + beta), a = gamma / sqrt(v + eps))
 
 Dense and batch norm are single autograd ops with hand-written backward passes: they
 are the bulk of the work in a training step, and one op is both faster and easier to
