@@ -5,7 +5,7 @@ Dense         y = x W + b
 BatchNorm     y = gamma * (x - mean) / sqrt(var + eps) + beta, over the batch axis
 LeakyReLU     y = max(x, slope * x)
 MLP           a block of dense layers, each followed by batch norm and leaky ReLU
-GaussianLayer (mu, var) heads: mu = W_mu h + b, var = softplus(W_v h + b) + eps
+GaussianLayer (mu, var) heads: mu = [BN](h W_mu + b), var = softplus([BN](h W_v + b)) + eps
 Adam          Adam with optional clipping of the global gradient norm
 fold_batch_norm  an evaluation-only copy of a model with each batch norm folded into
               its dense layer (y = x (W a) + (a (b - m) + beta), a = gamma / sqrt(v + eps))

@@ -86,7 +86,8 @@ class Layers:
     z, mu_q, var_q, mu_p, var_p: Tensors of shape (K, B, units) (or (B, units));
     kl_units: the KL estimate per unit; kl: its sum over units, shape (K, B) or (B,).
     logits: the Bernoulli logits of p(x | z_1), set by the model's forward pass.
-    For the top layer mu_p = 0 and var_p = 1 (the prior N(0, I)).
+    For the top layer mu_p and var_p stay None: its prior is N(0, I), which the KL term
+    uses directly (``_kl_term``'s defaults) without building arrays of zeros and ones.
     """
 
     def __init__(self, n):
@@ -139,7 +140,8 @@ class HierarchicalModel(Module):
         self.output = Dense(hidden[0], x_dim, bias=True, rng=self.rng)
 
     def prior(self, i, z_above):
-        """(mu_p, var_p) of p(z_i | z_i+1) for layer index i < L-1."""
+        """(mu_p, var_p) of the prior of layer index i given the sample of layer i+1 above
+        (0-based: prior(0, z_2) is p(z_1 | z_2)); i runs from 0 to L-2."""
         return self.prior_heads[i](self.prior_blocks[i](z_above))
 
     def decode(self, z1):
@@ -369,8 +371,10 @@ def kl_per_unit(model, x, noise):
 
 
 def posterior_means(model, x, noise, samples=10):
-    """E_q[z_i | x] for every layer, averaged over ``samples`` draws of the layers above
-    (the posterior of a lower layer depends on them): a list of (B, units) arrays."""
+    """E_q[z_i | x] for every layer, a list of (B, units) arrays: the mean mu_q,i averaged
+    over ``samples`` posterior draws, because mu_q,i depends on other layers' samples (in
+    the LVAE on the sample of z_i+1 above, through the prior in the merge; in the
+    bottom-up VAE on the sample of z_i-1 below)."""
     _, layers = _evaluate(model, x, noise, samples=samples)
     means = []
     for mu in layers.mu_q:
@@ -383,9 +387,13 @@ def active_units(model, x, noise, threshold=0.01, samples=10):
     """Activity A_u = Cov_x(E_q[z_u | x]) of every unit (Burda et al., 2016); a unit is
     active when A_u > threshold. Returns (list of activity arrays, list of counts).
 
-    With batch norm on the mean heads a unit's activity is about gamma^2 (its batch-norm
-    scale), so units fall below 0.01 only once training has shrunk gamma below 0.1: early
-    in training nearly every unit counts as active. KL per unit tells more then.
+    Where E_q[z_u | x] is a batch-normed head of x alone (the LVAE's top layer, the VAE's
+    z_1), its activity is about gamma^2, the head's batch-norm scale, so such a unit is
+    inactive only once training has shrunk gamma below 0.1. Elsewhere the mean mixes in
+    other layers' samples (the LVAE's merge weights mu_hat by var_p / (var_hat + var_p)),
+    and a unit whose q equals its prior is inactive whatever gamma is: the collapse this
+    measure detects. Early in training nearly every unit counts as active; KL per unit
+    tells more then.
     """
     activity = [m.var(axis=0) for m in posterior_means(model, x, noise, samples)]
     return activity, [int((a > threshold).sum()) for a in activity]
