@@ -15,6 +15,15 @@ import numpy as np
 FORMAT = 1
 # options that change the model itself: resuming with different ones is an error
 ARCHITECTURE_KEYS = ("model", "z_dims", "hidden", "n_dense", "batch_norm", "dataset")
+# what every checkpoint written by ``save`` holds: read_config and load_weights need the
+# config (evaluate.py rebuilds the model from it), load needs the rest to resume
+META_KEYS = ("config", "noise_rng", "history", "epoch", "step", "sums", "data_rng")
+CONFIG_KEYS = ARCHITECTURE_KEYS + ("seed",)
+SUMS_KEYS = ("elbo", "log_px", "kl", "n")
+ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of an .npz (a zip archive)
+# only for train.py's own out_dir/ckpt.npz: files given to --init_from or evaluate.py
+# belong to the user and must not be deleted on our say-so
+RESUME_ADVICE = "delete it to start the run afresh, or use another out_dir"
 
 
 class CheckpointError(ValueError):
@@ -42,18 +51,50 @@ def save(path, model, optimizer, noise, config, history, progress):
 
 
 def _read(path):
+    """(arrays, meta) of a checkpoint written by ``save``; any other file, or a damaged
+    one, is a CheckpointError that names the problem."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e})") from None
+    # an .npz is a zip archive; checking its magic bytes first keeps NumPy from taking
+    # any other file for a pickle (and from advising to load it "unsafely")
+    if magic != ZIP_MAGIC:
+        raise CheckpointError(f"{path} is not a checkpoint written by this code (not an "
+                              f".npz archive): another kind of file, or corrupt")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({e})") from None
+    if "meta" not in arrays:
+        raise CheckpointError(f"{path} is not a checkpoint written by this code (an .npz "
+                              f"archive without a 'meta' entry)")
+    try:
         meta = json.loads(str(arrays.pop("meta")))
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({e}); delete "
-                              f"it to start afresh") from None
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its 'meta' entry is not "
+                              f"valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its 'meta' entry is a JSON "
+                              f"{type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, "
                               f"this code reads format {FORMAT}")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its metadata lacks "
+                              f"{', '.join(missing)}")
+    config = meta["config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its config is not a dict")
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its config lacks "
+                              f"{', '.join(missing)}")
     return arrays, meta
 
 
@@ -61,27 +102,80 @@ def _part(arrays, prefix):
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
+def _load_model_state(path, arrays, model):
+    """Load the checkpoint's weights into ``model``, after checking they are finite numbers
+    (NaN weights would only show up later as a NaN loss or a meaningless evaluation)."""
+    state = _part(arrays, "model/")
+    for name, value in state.items():
+        if value.dtype.kind not in "biuf":
+            raise CheckpointError(f"checkpoint {path}: weight {name} holds {value.dtype} "
+                                  f"data, not numbers")
+        if not np.all(np.isfinite(value)):
+            raise CheckpointError(f"checkpoint {path}: weight {name} holds NaN or "
+                                  f"infinite values")
+    try:
+        model.load_state_dict(state)
+    except (KeyError, ValueError) as e:  # missing/unexpected names, wrong shapes
+        raise CheckpointError(f"checkpoint {path} does not fit this model: "
+                              f"{e.args[0] if e.args else e}") from None
+
+
 def load(path, model, optimizer, noise, config):
-    """Restore everything saved by ``save``; returns (progress dict, history)."""
-    arrays, meta = _read(path)
+    """Restore everything saved by ``save``; returns (progress dict, history).
+
+    train.py resumes from its own out_dir/ckpt.npz with this, so a damaged file gets the
+    advice to delete it (load_weights' files are the user's: no such advice there).
+    """
+    try:
+        arrays, meta = _read(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {RESUME_ADVICE}") from None
     for key in ARCHITECTURE_KEYS:
         saved, now = meta["config"].get(key), config.get(key)
-        if isinstance(now, tuple):
+        if isinstance(now, tuple) and isinstance(saved, list):
             saved = tuple(saved)
         if saved != now:
             raise CheckpointError(f"checkpoint {path} was trained with {key}={saved!r}, "
                                   f"but this run has {key}={now!r}: use another out_dir")
-    model.load_state_dict(_part(arrays, "model/"))
-    optimizer.load_state_dict(_part(arrays, "optim/"))
-    noise.set_state(meta["noise_rng"])
+    try:
+        _check_progress(path, meta)
+        _load_model_state(path, arrays, model)
+        try:
+            optimizer.load_state_dict(_part(arrays, "optim/"))
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its optimiser state does "
+                                  f"not fit ({e.args[0] if e.args else e})") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {RESUME_ADVICE}") from None
+    noise.set_state(meta["noise_rng"])  # checked by _check_progress
     progress = {k: meta[k] for k in ("epoch", "step", "sums", "data_rng")}
     return progress, meta["history"]
+
+
+def _check_progress(path, meta):
+    """The parts of the metadata only a resumed run uses: counters and RNG states."""
+    for key in ("epoch", "step"):
+        value = meta[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {key} is {value!r}, "
+                                  f"not a count")
+    if not isinstance(meta["history"], list):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its history is not a list")
+    sums = meta["sums"]
+    if sums is not None and not (isinstance(sums, dict) and set(SUMS_KEYS) <= set(sums)):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its sums are {sums!r}")
+    for key in ("noise_rng", "data_rng"):
+        try:  # NumPy validates a state when it is set: try it on a scratch generator
+            np.random.default_rng().bit_generator.state = meta[key]
+        except (TypeError, ValueError, KeyError):
+            raise CheckpointError(f"checkpoint {path} is corrupt: {key} is not a valid "
+                                  f"random-generator state") from None
 
 
 def load_weights(path, model):
     """Load only the model weights of a checkpoint (to fine-tune or to evaluate)."""
     arrays, meta = _read(path)
-    model.load_state_dict(_part(arrays, "model/"))
+    _load_model_state(path, arrays, model)
     return meta
 
 

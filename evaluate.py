@@ -29,18 +29,45 @@ def load_model(path, device="cpu"):
     return net.to(device), config
 
 
+def _count(text, minimum):
+    """argparse type: a whole number >= minimum. A bad value is a usage error naming the
+    option, not a crash (or a silently odd result, like --images=-5) much later."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+    return value
+
+
+def positive_int(text):
+    return _count(text, 1)
+
+
+def non_negative_int(text):
+    return _count(text, 0)
+
+
 def main(argv):
+    """Evaluate the checkpoint named in ``argv``; returns the result dict it prints."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
-    parser.add_argument("--samples", type=int, default=5000, help="K of L_K (default 5000)")
-    parser.add_argument("--images", type=int, default=0, help="first N test images (0 = all)")
-    parser.add_argument("--batch_size", type=int, default=100, help="test images per batch")
+    parser.add_argument("--samples", type=positive_int, default=5000,
+                        help="K of L_K (default 5000)")
+    parser.add_argument("--images", type=non_negative_int, default=0,
+                        help="first N test images (0 = all)")
+    parser.add_argument("--batch_size", type=positive_int, default=100,
+                        help="test images per batch")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no_bn_recompute", action="store_true",
                         help="keep the running batch-norm averages from training")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args(argv)
-    check_device(args.device)
+    try:
+        check_device(args.device)
+    except RuntimeError as e:  # no CUDA on this machine: say so, no traceback
+        raise SystemExit(f"error: {e}") from None
 
     net, config = load_model(args.checkpoint, args.device)
     ds = data.load_dataset(config["dataset"], config.get("data_root") or None)
@@ -74,4 +101,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # A bad checkpoint or data file is the user's to fix: print the message alone and
+    # exit 1. Anything else is a bug and keeps its traceback. main() returns the result
+    # (for tests and notebooks), already printed, so success is exit status 0.
+    try:
+        main(sys.argv[1:])
+    except (checkpoint.CheckpointError, data.DataError) as e:
+        sys.exit(f"error: {e}")

@@ -131,6 +131,19 @@ def test_missing_mnist_file_is_reported(tmp_path):
     assert data.TRAIN_IMAGES in str(e.value)
 
 
+def test_empty_data_root_advises_the_shipped_copy_not_git(tmp_path):
+    # git cannot restore a folder the user chose: point to the shipped copy instead
+    with pytest.raises(DataError, match="leave --data_root empty") as e:
+        data.load_mnist(tmp_path)
+    assert "git checkout" not in str(e.value) and "data/mnist/README.md" in str(e.value)
+
+
+def test_missing_shipped_mnist_file_advises_git_checkout(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MNIST_DIR", tmp_path.resolve())
+    with pytest.raises(DataError, match="git checkout -- data/mnist"):
+        data.load_mnist()
+
+
 # ---------------------------------------------------------------- IDX reader
 
 def test_read_idx_raw_and_gzip(tmp_path):
@@ -215,7 +228,18 @@ def test_fashion_mnist_absent(tmp_path, monkeypatch):
 def test_missing_omniglot_says_where_to_put_it(tmp_path):
     with pytest.raises(DataError, match="data/omniglot/chardata.mat") as e:
         data.load_omniglot(tmp_path / "chardata.mat")
-    assert "--path" in str(e.value) and "offline" in str(e.value)
+    assert "--data_root" in str(e.value) and "offline" in str(e.value)
+    assert "--path" not in str(e.value)  # train.py has no such option
+
+
+def test_missing_omniglot_lists_each_searched_file_once(tmp_path, monkeypatch):
+    # run from the repository, ./data/omniglot and DATA_DIR/omniglot are one place
+    monkeypatch.delenv("LVAE_DATA", raising=False)
+    monkeypatch.setattr(data, "DATA_DIR", tmp_path.resolve() / "data")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="not found") as e:
+        data.load_omniglot()
+    assert str(e.value).count(str(data.DATA_DIR / "omniglot" / "chardata.mat")) == 1
 
 
 def test_omniglot_pixel_order(tmp_path, monkeypatch):

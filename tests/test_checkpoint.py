@@ -1,0 +1,210 @@
+"""Tests of checkpoint.py on a tiny model: a file that is not a checkpoint written by
+this code, or a damaged one, is a CheckpointError that names the problem (never a raw
+NumPy, JSON or KeyError), and only train.py's resume (``load``) advises deleting it.
+
+tests/test_train.py covers saving, resuming and atomic writes through train.py."""
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import checkpoint  # noqa: E402
+import lvae  # noqa: E402
+from checkpoint import CheckpointError  # noqa: E402
+from layers import Adam  # noqa: E402
+
+# what train.py's config holds for a tiny model (x_dim is 784, as evaluate.py assumes)
+CONFIG = {"model": "lvae", "z_dims": (4, 2), "hidden": (16, 8), "n_dense": 1,
+          "batch_norm": True, "dataset": "mnist", "seed": 0, "data_root": ""}
+
+
+def tiny_model(config=CONFIG):
+    return lvae.build_model(config["model"], x_dim=784, z_dims=config["z_dims"],
+                            hidden=config["hidden"], n_dense=config["n_dense"],
+                            batch_norm=config["batch_norm"], seed=config["seed"])
+
+
+def write_checkpoint(path, config=CONFIG):
+    """A valid checkpoint of a freshly built tiny model, as train.py writes one."""
+    net = tiny_model(config)
+    progress = {"epoch": 1, "step": 0, "sums": None,
+                "data_rng": np.random.default_rng(2).bit_generator.state}
+    checkpoint.save(str(path), net, Adam(net.parameters()), lvae.Noise(1), dict(config),
+                    [], progress)
+    return str(path)
+
+
+def rewrite(path, edit):
+    """Open a checkpoint's arrays and metadata, let ``edit(arrays, meta)`` change them in
+    place, and write them back."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    edit(arrays, meta)
+    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+    return path
+
+
+def set_meta_text(path, text):
+    """Replace a checkpoint's metadata by ``text`` (which need not be a JSON object)."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["meta"] = np.array(text)
+    np.savez(path, **arrays)
+    return path
+
+
+def resume(path):
+    """What train.py does to resume: load everything into a fresh model."""
+    net = tiny_model()
+    return checkpoint.load(path, net, Adam(net.parameters()), lvae.Noise(0), CONFIG)
+
+
+def test_a_valid_checkpoint_round_trips(tmp_path):
+    path = write_checkpoint(tmp_path / "ckpt.npz")
+    progress, history = resume(path)
+    assert progress["epoch"] == 1 and history == []
+    assert checkpoint.read_config(path)["z_dims"] == [4, 2]
+    net = tiny_model({**CONFIG, "seed": 5})  # other initial weights
+    checkpoint.load_weights(path, net)
+    saved = tiny_model().state_dict()
+    assert all(np.array_equal(v, saved[k]) for k, v in net.state_dict().items())
+
+
+# ---------------------------------------------------------------- not a checkpoint
+
+def test_npy_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a checkpoint written by this code"):
+        checkpoint.read_config(str(path))
+
+
+def test_text_file_is_not_a_checkpoint_and_pickle_is_not_suggested(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("# a text file\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint written by this code") as e:
+        checkpoint.read_config(str(path))
+    assert "pickle" not in str(e.value)  # our checkpoints never need it
+
+
+def test_npz_without_meta_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "other.npz"
+    np.savez(path, a=np.zeros(3))
+    with pytest.raises(CheckpointError, match="without a 'meta' entry"):
+        checkpoint.read_config(str(path))
+
+
+def test_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        checkpoint.read_config(str(tmp_path))
+
+
+# ---------------------------------------------------------------- damaged structure
+
+def test_meta_that_is_not_a_json_object(tmp_path):
+    path = set_meta_text(write_checkpoint(tmp_path / "ckpt.npz"), "[1, 2]")
+    with pytest.raises(CheckpointError, match="'meta' entry is a JSON list"):
+        checkpoint.read_config(path)
+
+
+def test_meta_that_is_not_json(tmp_path):
+    path = set_meta_text(write_checkpoint(tmp_path / "ckpt.npz"), "{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        checkpoint.read_config(path)
+
+
+@pytest.mark.parametrize("key", ["config", "noise_rng", "data_rng", "history"])
+def test_missing_metadata_entry_is_named(tmp_path, key):
+    path = rewrite(write_checkpoint(tmp_path / "ckpt.npz"), lambda a, m: m.pop(key))
+    with pytest.raises(CheckpointError, match=f"lacks {key}"):
+        checkpoint.read_config(path)
+    with pytest.raises(CheckpointError, match=f"lacks {key}"):
+        resume(path)
+
+
+def test_missing_config_entry_is_named(tmp_path):
+    path = rewrite(write_checkpoint(tmp_path / "ckpt.npz"),
+                   lambda a, m: m["config"].pop("z_dims"))
+    with pytest.raises(CheckpointError, match="config lacks z_dims"):
+        checkpoint.read_config(path)
+
+
+@pytest.mark.parametrize("key, bad", [("noise_rng", {"bit_generator": "PCG64"}),
+                                      ("noise_rng", [1, 2]),
+                                      ("data_rng", {"bit_generator": "MT19937", "state": {}})])
+def test_bad_generator_state_is_named(tmp_path, key, bad):
+    path = rewrite(write_checkpoint(tmp_path / "ckpt.npz"),
+                   lambda a, m: m.update({key: bad}))
+    with pytest.raises(CheckpointError, match=f"{key} is not a valid random-generator"):
+        resume(path)
+
+
+@pytest.mark.parametrize("key, bad", [("epoch", -1), ("step", "3"), ("sums", [1])])
+def test_bad_progress_is_named(tmp_path, key, bad):
+    path = rewrite(write_checkpoint(tmp_path / "ckpt.npz"),
+                   lambda a, m: m.update({key: bad}))
+    with pytest.raises(CheckpointError, match=f"corrupt: (its )?{key}"):
+        resume(path)
+
+
+def test_optimiser_state_that_does_not_fit(tmp_path):
+    path = rewrite(write_checkpoint(tmp_path / "ckpt.npz"),
+                   lambda a, m: a.update({"optim/m.0": np.zeros((1, 1), np.float32)}))
+    with pytest.raises(CheckpointError, match="optimiser state does not fit.*m.0"):
+        resume(path)
+
+
+def test_weights_of_another_model_are_a_clear_error(tmp_path):
+    path = write_checkpoint(tmp_path / "ckpt.npz", {**CONFIG, "hidden": (16, 4)})
+    with pytest.raises(CheckpointError, match="does not fit this model.*shape"):
+        checkpoint.load_weights(path, tiny_model())
+
+
+# ---------------------------------------------------------------- non-finite weights
+
+def test_non_finite_weights_name_the_first_bad_tensor(tmp_path):
+    path = write_checkpoint(tmp_path / "ckpt.npz")
+    names = [k for k in tiny_model().state_dict()]
+
+    def poison(arrays, meta):
+        arrays[f"model/{names[2]}"] = np.full_like(arrays[f"model/{names[2]}"], np.nan)
+        arrays[f"model/{names[5]}"] = np.full_like(arrays[f"model/{names[5]}"], np.inf)
+    rewrite(path, poison)
+    with pytest.raises(CheckpointError, match=f"weight {names[2]} holds NaN or infinite"):
+        checkpoint.load_weights(path, tiny_model())
+    with pytest.raises(CheckpointError, match=f"weight {names[2]} holds NaN or infinite"):
+        resume(path)
+
+
+# ---------------------------------------------------------------- advice
+
+def test_only_resuming_advises_deleting_a_damaged_file(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    blob = Path(write_checkpoint(path)).read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="ckpt.npz is unreadable or corrupt.*delete it"):
+        resume(str(path))
+    # a file given to --init_from or evaluate.py belongs to the user: no deleting advice
+    for read in (checkpoint.read_config, lambda p: checkpoint.load_weights(p, tiny_model())):
+        with pytest.raises(CheckpointError, match="corrupt") as e:
+            read(str(path))
+        assert "delete" not in str(e.value)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.read_config(str(tmp_path / "missing.npz"))
+
+
+def test_saved_file_is_a_plain_zip(tmp_path):
+    # the magic-byte check in _read relies on this
+    path = write_checkpoint(tmp_path / "ckpt.npz")
+    assert zipfile.is_zipfile(path)
+    assert Path(path).read_bytes()[:4] == checkpoint.ZIP_MAGIC

@@ -1,0 +1,75 @@
+"""Tests of evaluate.py's handling of bad input: option values are usage errors, and an
+expected error (bad checkpoint, missing data, no CUDA) prints ``error: ...`` and exits
+with status 1, without a traceback. tests/test_train.py covers a normal evaluation."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import autograd  # noqa: E402
+import evaluate  # noqa: E402
+from test_checkpoint import CONFIG, write_checkpoint  # noqa: E402
+
+
+def run_script(*args):
+    """Run evaluate.py as a user would; returns the finished process."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def assert_clean_error(proc, pattern):
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert pattern in proc.stderr
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--samples=0", "argument --samples: 0 is below 1"),
+    ("--samples=-3", "argument --samples: -3 is below 1"),
+    ("--images=-5", "argument --images: -5 is below 0"),
+    ("--batch_size=0", "argument --batch_size: 0 is below 1"),
+    ("--seed=-1", "argument --seed: -1 is below 0"),
+    ("--samples=many", "argument --samples: 'many' is not a whole number"),
+])
+def test_bad_option_values_are_usage_errors(tmp_path, capsys, arg, message):
+    # checked before the checkpoint is even opened, so any path will do
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(tmp_path / "ckpt.npz"), arg])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_checkpoint_is_an_error_line_without_traceback(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    assert_clean_error(run_script(text), "not a checkpoint written by this code")
+    assert_clean_error(run_script(tmp_path / "missing.npz"), "does not exist")
+
+
+def test_missing_data_is_an_error_line_without_traceback(tmp_path):
+    (tmp_path / "empty").mkdir()
+    ckpt = write_checkpoint(tmp_path / "ckpt.npz",
+                            {**CONFIG, "data_root": str(tmp_path / "empty")})
+    assert_clean_error(run_script(ckpt), "file not found")
+
+
+@pytest.mark.skipif(autograd.cuda_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_an_error_line_without_traceback(tmp_path):
+    assert_clean_error(run_script(tmp_path / "ckpt.npz", "--device=cuda"),
+                       "device 'cuda' was asked for")
+
+
+def test_script_succeeds_with_exit_status_0(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ckpt.npz")  # untrained, on the shipped MNIST
+    proc = run_script(ckpt, "--samples=2", "--images=5", "--no_bn_recompute")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["samples"] == 2 and result["images"] == 5
