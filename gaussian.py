@@ -7,6 +7,8 @@
 
 Variances (not log-variances) are passed around: the model's heads give
 var = softplus(.) + eps, which is what the merge needs (precisions 1/var).
+Inputs may be Tensors, plain arrays or numbers; arrays and numbers are constants
+(no gradient flows to them), so ``gaussian_kl(np.zeros(3), np.ones(3))`` just works.
 
 For each op, ``*_forward`` and ``*_backward`` below are plain array code that works on
 NumPy and CuPy arrays alike. They are the specification. On a GPU, kernels.py has fused
@@ -16,6 +18,7 @@ against these. Backward functions return full-shape gradients; the op reduces th
 with ``sum_to`` where an input was broadcast (e.g. one mu_hat shared by K samples).
 """
 import math
+import numbers
 
 import numpy as np
 
@@ -112,9 +115,23 @@ def _reduce(grads, inputs):
     return tuple(sum_to(g, t.shape) if t.requires_grad else None for g, t in zip(grads, inputs))
 
 
-def _tensors(*xs):
-    like = next(x for x in xs if isinstance(x, Tensor))
-    return tuple(as_tensor(x, like=like) for x in xs)
+def _tensors(op, **inputs):
+    """The inputs of ``op`` as Tensors. Tensors pass through; a NumPy or CuPy array
+    becomes a constant (no gradient flows to it), as ``tensor()`` makes it; a number
+    becomes a constant of the dtype of the first Tensor or array (float64 if all the
+    inputs are numbers: that is what a Python float is). Anything else is a TypeError."""
+    like = None
+    for name, x in inputs.items():
+        if isinstance(x, Tensor) or isinstance(x, get_array_module(x).ndarray):
+            if like is None or (isinstance(x, Tensor) and not isinstance(like, Tensor)):
+                like = x
+        elif isinstance(x, bool) or not isinstance(x, numbers.Real):
+            raise TypeError(f"{op}: {name} must be a Tensor, an array or a number, not "
+                            f"{type(x).__name__}")
+    if like is None:  # numbers only
+        like = Tensor(np.asarray(next(iter(inputs.values())), dtype=np.float64))
+    like = as_tensor(like)
+    return tuple(as_tensor(x, like=like) for x in inputs.values())
 
 
 def merge(mu_hat, var_hat, mu_p, var_p):
@@ -125,7 +142,7 @@ def merge(mu_hat, var_hat, mu_p, var_p):
     from the generative top-down pass; the posterior leans towards whichever is more
     certain (has the larger precision 1/var).
     """
-    inputs = _tensors(mu_hat, var_hat, mu_p, var_p)
+    inputs = _tensors("merge", mu_hat=mu_hat, var_hat=var_hat, mu_p=mu_p, var_p=var_p)
     forward, backward = _implementation("merge", inputs[0].data)
     # both outputs get the full broadcast shape (views, no copies), so that each output's
     # gradient has one entry per element and the backward formulas hold as written
@@ -143,7 +160,7 @@ def gaussian_kl(mu_q, var_q, mu_p=0.0, var_p=1.0):
     0.5 (log var_p - log var_q + (var_q + (mu_q - mu_p)^2) / var_p - 1); sum over the
     units of a layer for that layer's KL term.
     """
-    inputs = _tensors(mu_q, var_q, mu_p, var_p)
+    inputs = _tensors("gaussian_kl", mu_q=mu_q, var_q=var_q, mu_p=mu_p, var_p=var_p)
     forward, backward = _implementation("kl", inputs[0].data)
     datas = [t.data for t in inputs]
     return record(forward(*datas), inputs, lambda g: _reduce(backward(g, *datas), inputs))
@@ -151,7 +168,7 @@ def gaussian_kl(mu_q, var_q, mu_p=0.0, var_p=1.0):
 
 def log_normal(z, mu=0.0, var=1.0):
     """log N(z; mu, var) elementwise (default: the standard normal)."""
-    inputs = _tensors(z, mu, var)
+    inputs = _tensors("log_normal", z=z, mu=mu, var=var)
     forward, backward = _implementation("log_normal", inputs[0].data)
     datas = [t.data for t in inputs]
     return record(forward(*datas), inputs, lambda g: _reduce(backward(g, *datas), inputs))
@@ -160,6 +177,8 @@ def log_normal(z, mu=0.0, var=1.0):
 def reparameterize(mu, var, eps):
     """A sample z = mu + sqrt(var) * eps of N(mu, var), differentiable in mu and var
     (eps ~ N(0, I) is drawn outside). dz/dmu = 1, dz/dvar = eps / (2 sqrt(var))."""
+    mu, var = _tensors("reparameterize", mu=mu, var=var)
+    eps = eps.data if isinstance(eps, Tensor) else eps  # noise: no gradient flows to it
     xp = get_array_module(mu.data)
     std = xp.sqrt(var.data)
     z = mu.data + std * eps

@@ -44,6 +44,32 @@ PAPER_Z_DIMS = (64, 32, 16, 8, 4)          # stochastic layers, bottom to top
 PAPER_HIDDEN = (512, 256, 128, 64, 32)     # width of the deterministic block of each layer
 
 
+# ----------------------------------------------------------------------------------
+# Argument checks: a clear error at the entry point, not a traceback from deep inside
+# ----------------------------------------------------------------------------------
+def _check_int(name, value, minimum=1):
+    """``value`` as a Python int, or a TypeError (not an int: bools and floats too, since
+    int(2.7) would silently be 2) or a ValueError (below ``minimum``) that names it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_sizes(name, values, example):
+    """A tuple of ints >= 1 from a list or tuple of layer sizes (one per stochastic layer)."""
+    if not isinstance(values, (tuple, list, np.ndarray)):
+        raise TypeError(f"{name} must be a tuple of ints, one per stochastic layer (e.g. "
+                        f"{example}), got {values!r} ({type(values).__name__})")
+    return tuple(_check_int(f"{name}[{i}]", v) for i, v in enumerate(values))
+
+
+def _is_array(x):
+    """True for a NumPy or a CuPy array."""
+    return isinstance(x, get_array_module(x).ndarray)
+
+
 class Noise:
     """Standard-normal draws for the reparameterisation trick: reproducible and resumable.
 
@@ -120,12 +146,15 @@ class HierarchicalModel(Module):
 
     def __init__(self, x_dim=784, z_dims=PAPER_Z_DIMS, hidden=PAPER_HIDDEN, n_dense=2,
                  batch_norm=True, seed=0):
-        z_dims, hidden = tuple(int(z) for z in z_dims), tuple(int(h) for h in hidden)
+        x_dim, n_dense = _check_int("x_dim", x_dim), _check_int("n_dense", n_dense)
+        z_dims = _check_sizes("z_dims", z_dims, PAPER_Z_DIMS)
+        hidden = _check_sizes("hidden", hidden, PAPER_HIDDEN)
         if len(z_dims) < 1 or len(z_dims) != len(hidden):
             raise ValueError(f"z_dims {z_dims} and hidden {hidden} must be non-empty and of "
                              f"the same length (one deterministic block per stochastic layer)")
-        if min(z_dims + hidden + (x_dim, n_dense)) < 1:
-            raise ValueError("x_dim, z_dims, hidden and n_dense must all be positive")
+        if not isinstance(batch_norm, (bool, np.bool_)):  # "no" or 0 would pass for a flag
+            raise TypeError(f"batch_norm must be True or False, got {batch_norm!r}")
+        batch_norm, seed = bool(batch_norm), _check_int("seed", seed, minimum=0)
         self.config = dict(model=self.kind, x_dim=x_dim, z_dims=z_dims, hidden=hidden,
                            n_dense=n_dense, batch_norm=batch_norm, seed=seed)
         self.x_dim, self.z_dims, self.n_layers = x_dim, z_dims, len(z_dims)
@@ -148,6 +177,39 @@ class HierarchicalModel(Module):
         """Bernoulli logits of p(x | z_1)."""
         return self.output(self.decoder(z1))
 
+    def _check_batch(self, x):
+        """x as a Tensor, once it is known to be a batch of images the model can score:
+        a float array (or Tensor) of shape (B, x_dim), B >= 1, with values in [0, 1]
+        (the means of a Bernoulli likelihood). Unchecked, other input fails deep inside
+        NumPy, or silently gives a wrong ELBO, or a NaN that training-mode batch norm
+        writes into its running averages for good."""
+        name = type(self).__name__
+        data = x.data if isinstance(x, Tensor) else x
+        if not _is_array(data):
+            raise TypeError(f"{name}: x must be a NumPy or CuPy array (or a Tensor), not "
+                            f"{type(data).__name__}")
+        if data.ndim != 2 or data.shape[1] != self.x_dim:
+            raise ValueError(f"{name}: expected a batch of shape (B, {self.x_dim}), got "
+                             f"{data.shape}")
+        if data.shape[0] == 0:
+            raise ValueError(f"{name}: the batch is empty (shape {data.shape}); pass at "
+                             f"least one image")
+        if data.dtype.kind != "f":
+            raise TypeError(f"{name}: x has dtype {data.dtype}, expected floating-point "
+                            f"pixels in [0, 1] (for 0..255 grey levels use "
+                            f"x.astype(np.float32) / 255)")
+        # The value check reads every pixel: free on the CPU, but on a GPU bringing the
+        # answer back to the host would make the CPU wait for the GPU at every step, so
+        # CuPy batches are not checked.
+        if get_array_module(data) is np:
+            low, high = data.min(), data.max()  # NaN propagates to both
+            if not (np.isfinite(low) and np.isfinite(high)):
+                raise ValueError(f"{name}: x contains NaN or infinite values")
+            if low < 0 or high > 1:
+                raise ValueError(f"{name}: x must have values in [0, 1] (the means of a "
+                                 f"Bernoulli likelihood), got values from {low} to {high}")
+        return x if isinstance(x, Tensor) else Tensor(x)
+
     def forward(self, x, noise, samples=1, kl="analytic"):
         """Run inference and the generative model on a batch x of shape (B, x_dim).
 
@@ -155,15 +217,11 @@ class HierarchicalModel(Module):
         kl: 'analytic' (where possible) or 'sample' (log q - log p at the sample, needed
         for log-weights). Returns (log_px of shape (K, B), Layers).
         """
-        x = x if isinstance(x, Tensor) else Tensor(x)
-        if x.ndim != 2 or x.shape[1] != self.x_dim:
-            raise ValueError(f"{type(self).__name__}: expected a batch of shape (B, "
-                             f"{self.x_dim}), got {x.shape}")
+        x = self._check_batch(x)
         if kl not in ("analytic", "sample"):
             raise ValueError(f"kl must be 'analytic' or 'sample', not {kl!r}")
-        if int(samples) < 1:
-            raise ValueError(f"samples must be >= 1, got {samples}")
-        layers = self.infer(x, noise, int(samples), kl)
+        samples = _check_int("samples", samples)
+        layers = self.infer(x, noise, samples, kl)
         logits = self.decode(layers.z[0])
         xp = get_array_module(x.data)
         targets = Tensor(xp.broadcast_to(x.data, logits.shape))
@@ -241,8 +299,9 @@ MODELS = {"lvae": LadderVAE, "vae": HierarchicalVAE}
 
 
 def build_model(model="lvae", **config):
-    """LadderVAE ('lvae') or HierarchicalVAE ('vae') with the given sizes."""
-    if model not in MODELS:
+    """LadderVAE ('lvae') or HierarchicalVAE ('vae') with the given sizes (the sizes and
+    the seed are checked by ``HierarchicalModel``)."""
+    if not isinstance(model, str) or model not in MODELS:
         raise ValueError(f"unknown model {model!r}: choose one of {sorted(MODELS)}")
     return MODELS[model](**config)
 
@@ -315,6 +374,16 @@ def log_likelihood_bound(model, x, samples=5000, noise=None, batch_size=100,
     The batch norms are folded into their dense layers first (``layers.fold_batch_norm``):
     the same bound, computed with fewer passes over the K samples.
     """
+    samples, batch_size = _check_int("samples", samples), _check_int("batch_size", batch_size)
+    if max_rows is not None:
+        max_rows = _check_int("max_rows", max_rows)
+    if not _is_array(x):
+        raise TypeError(f"log_likelihood_bound: x must be a NumPy array of shape (N, "
+                        f"{model.x_dim}), not {type(x).__name__}")
+    if x.ndim != 2 or x.shape[1] != model.x_dim or len(x) == 0:
+        raise ValueError(f"log_likelihood_bound: x must have shape (N, {model.x_dim}) with "
+                         f"N >= 1, got {x.shape}")
+    model._check_batch(x)  # dtype and values once, here on the host even for a GPU model
     noise = noise if noise is not None else Noise(0)
     xp = get_array_module(model.output.weight.data)
     if max_rows is None:

@@ -108,6 +108,56 @@ def test_the_standard_normal_defaults():
                                -0.5 * z * z - 0.5 * math.log(2 * math.pi), rtol=1e-13)
 
 
+def test_plain_arrays_and_numbers_give_the_values_of_tensors():
+    """The ops accept arrays and numbers as constants: the same values as with Tensors,
+    and the dtype of the arrays (float64 for numbers alone, as Python floats are)."""
+    rng = np.random.default_rng(12)
+    m, v, mp, vp, z, eps = (means(rng, (B, D)), variances(rng, (B, D)), means(rng, (B, D)),
+                            variances(rng, (B, D)), means(rng, (B, D)), means(rng, (B, D)))
+    pairs = [
+        (gaussian.gaussian_kl(m, v, mp, vp), gaussian.gaussian_kl(*map(Tensor, (m, v, mp, vp)))),
+        (gaussian.gaussian_kl(m, v), gaussian.gaussian_kl(Tensor(m), Tensor(v))),
+        (gaussian.log_normal(z, m, v), gaussian.log_normal(*map(Tensor, (z, m, v)))),
+        (gaussian.log_normal(z), gaussian.log_normal(Tensor(z))),
+        (gaussian.merge(m, v, mp, vp)[0], gaussian.merge(*map(Tensor, (m, v, mp, vp)))[0]),
+        (gaussian.merge(m, v, mp, vp)[1], gaussian.merge(*map(Tensor, (m, v, mp, vp)))[1]),
+        (gaussian.reparameterize(m, v, eps), gaussian.reparameterize(Tensor(m), Tensor(v), eps)),
+        (gaussian.gaussian_kl(Tensor(m), v, mp, 2.0), gaussian.gaussian_kl(*map(
+            Tensor, (m, v, mp, np.full_like(m, 2.0))))),
+    ]
+    for got, expected in pairs:
+        assert isinstance(got, Tensor)
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got.data, expected.data)
+    np.testing.assert_array_equal(gaussian.gaussian_kl(np.zeros(3), np.ones(3)).data, 0)
+    assert gaussian.log_normal(np.zeros(2, np.float32)).dtype == np.float32
+    kl = gaussian.gaussian_kl(0.5, 2.0)  # numbers only
+    assert kl.dtype == np.float64
+    assert float(kl.data) == pytest.approx(0.5 * (2.0 + 0.25 - 1 - math.log(2.0)), rel=1e-15)
+
+
+def test_a_mixed_call_still_differentiates_the_tensors():
+    """Arrays are constants: the Tensor inputs get their gradients, the arrays none."""
+    rng = np.random.default_rng(13)
+    mu = Tensor(means(rng, (B, D)), requires_grad=True)
+    var = variances(rng, (B, D))
+    gaussian.gaussian_kl(mu, var).sum().backward()
+    np.testing.assert_allclose(mu.grad, mu.data, rtol=1e-13)  # d KL / d mu_q = mu_q / 1
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: gaussian.gaussian_kl(np.zeros(3), "1"), r"gaussian_kl: var_q must be a Tensor, an "
+                                                     r"array or a number, not str"),
+    (lambda: gaussian.merge([0.0], 1.0, 0.0, 1.0), r"merge: mu_hat must be .* not list"),
+    (lambda: gaussian.log_normal(None), r"log_normal: z must be .* not NoneType"),
+    (lambda: gaussian.reparameterize(np.zeros(2), True, np.ones(2)),
+     r"reparameterize: var must be .* not bool"),
+], ids=["gaussian_kl str", "merge list", "log_normal None", "reparameterize bool"])
+def test_other_inputs_are_a_clear_type_error(call, message):
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
 # ----------------------------------------------------------------------------------
 # The merge
 # ----------------------------------------------------------------------------------

@@ -239,6 +239,28 @@ def test_l1_bound_equals_the_elbo_estimate():
     np.testing.assert_allclose(bound.mean(), terms["elbo"], rtol=1e-12)
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(samples=0), ValueError, r"samples must be >= 1, got 0"),
+    (dict(samples=-3), ValueError, r"samples must be >= 1, got -3"),
+    (dict(samples=10.0), TypeError, r"samples must be an int, got 10.0"),
+    (dict(batch_size=0), ValueError, r"batch_size must be >= 1, got 0"),
+    (dict(batch_size=2.5), TypeError, r"batch_size must be an int, got 2.5"),
+    (dict(max_rows=0), ValueError, r"max_rows must be >= 1, got 0"),
+    (dict(x=np.zeros((0, X_DIM))), ValueError, r"shape \(N, 8\) with N >= 1, got \(0, 8\)"),
+    (dict(x=np.zeros(X_DIM)), ValueError, r"shape \(N, 8\) with N >= 1, got \(8,\)"),
+    (dict(x=np.zeros((2, 9))), ValueError, r"shape \(N, 8\) with N >= 1, got \(2, 9\)"),
+    (dict(x=[[0.0] * X_DIM]), TypeError, r"x must be a NumPy array.*not list"),
+    (dict(x=np.full((2, X_DIM), 255, np.uint8)), TypeError, r"dtype uint8"),
+    (dict(x=np.full((2, X_DIM), np.nan)), ValueError, r"NaN or infinite"),
+], ids=["samples 0", "samples negative", "samples float", "batch_size 0", "batch_size float",
+        "max_rows 0", "no rows", "1-D x", "wrong width", "list", "uint8", "NaN"])
+def test_log_likelihood_bound_rejects_bad_arguments(kwargs, error, message):
+    args = dict(x=binary_batch(3), samples=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        lvae.log_likelihood_bound(tiny_model("lvae"), **args)
+
+
 @pytest.mark.parametrize("kind", MODELS)
 def test_log_likelihood_bound_folds_batch_norm_without_changing_the_bound(kind):
     """log_likelihood_bound evaluates a copy with the batch norms folded into the dense
@@ -429,8 +451,87 @@ def test_z_dims_hidden_length_mismatch(kind):
         lvae.build_model(kind, x_dim=8, z_dims=(3, 2), hidden=(5,))
     with pytest.raises(ValueError, match="non-empty"):
         lvae.build_model(kind, x_dim=8, z_dims=(), hidden=())
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match=r"z_dims\[1\] must be >= 1, got 0"):
         lvae.build_model(kind, x_dim=8, z_dims=(3, 0), hidden=(5, 4))
+
+
+@pytest.mark.parametrize("override, error, message", [
+    (dict(z_dims=4), TypeError, r"z_dims must be a tuple of ints.*got 4"),
+    (dict(hidden=None), TypeError, r"hidden must be a tuple of ints.*got None"),
+    (dict(z_dims=(3, 2.5)), TypeError, r"z_dims\[1\] must be an int, got 2.5"),
+    (dict(x_dim=8.0), TypeError, r"x_dim must be an int, got 8.0"),
+    (dict(x_dim=True), TypeError, r"x_dim must be an int, got True"),
+    (dict(x_dim=0), ValueError, r"x_dim must be >= 1, got 0"),
+    (dict(n_dense=1.5), TypeError, r"n_dense must be an int, got 1.5"),
+    (dict(batch_norm="no"), TypeError, r"batch_norm must be True or False, got 'no'"),
+    (dict(seed=-1), ValueError, r"seed must be >= 0, got -1"),
+    (dict(seed=1.5), TypeError, r"seed must be an int, got 1.5"),
+], ids=["z_dims int", "hidden None", "z_dims float entry", "x_dim float", "x_dim bool",
+        "x_dim 0", "n_dense float", "batch_norm str", "seed negative", "seed float"])
+def test_build_model_rejects_bad_sizes_and_flags(override, error, message):
+    with pytest.raises(error, match=message):
+        lvae.build_model("lvae", **dict(TINY, **override))
+
+
+def test_build_model_accepts_lists_and_numpy_ints():
+    """What a JSON config or a NumPy computation gives is fine, and is stored as ints."""
+    model = lvae.build_model("vae", x_dim=np.int64(X_DIM), z_dims=[3, 2],
+                             hidden=np.array([5, 4]), batch_norm=np.bool_(False),
+                             seed=np.int64(3))
+    config = model.config
+    assert config["z_dims"] == (3, 2) and config["hidden"] == (5, 4)
+    assert all(type(v) is int for v in (config["x_dim"], config["seed"], *config["hidden"]))
+    assert config["batch_norm"] is False
+    json.dumps(config)  # checkpoints store the config as JSON
+
+
+@pytest.mark.parametrize("x, error, message", [
+    ([[0.0] * X_DIM], TypeError, r"x must be a NumPy or CuPy array \(or a Tensor\), not list"),
+    (None, TypeError, r"x must be a NumPy or CuPy array.*not NoneType"),
+    (np.zeros((0, X_DIM)), ValueError, r"the batch is empty \(shape \(0, 8\)\)"),
+    (np.full((2, X_DIM), 255, np.uint8), TypeError, r"dtype uint8.*astype\(np.float32\) / 255"),
+    (np.full((2, X_DIM), 255.0), ValueError, r"values in \[0, 1\].*from 255.0 to 255.0"),
+    (np.full((2, X_DIM), -0.5), ValueError, r"values in \[0, 1\].*from -0.5"),
+    (np.where(np.arange(X_DIM) == 3, np.nan, 0.0)[None], ValueError, r"NaN or infinite"),
+    (np.full((2, X_DIM), np.inf), ValueError, r"NaN or infinite"),
+], ids=["list", "None", "empty batch", "uint8", "0..255 floats", "negative", "NaN", "inf"])
+@pytest.mark.parametrize("kind", MODELS)
+def test_forward_rejects_bad_batches(kind, x, error, message):
+    model = tiny_model(kind)
+    with pytest.raises(error, match=rf"{type(model).__name__}: .*{message}"):
+        model(x, lvae.Noise(0))
+    with pytest.raises(error, match=message):  # the objectives go through the same check
+        lvae.elbo(model, x, lvae.Noise(0))
+
+
+def test_a_rejected_batch_leaves_batch_norm_statistics_alone():
+    """A NaN pixel in training mode must not reach (and poison) the running averages."""
+    model = tiny_model("lvae").train()
+    before = model.state_dict()
+    x = binary_batch(4)
+    x[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        lvae.elbo(model, x, lvae.Noise(0))
+    after = model.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_forward_accepts_tensors_float32_and_grey_levels():
+    """Legitimate inputs: a Tensor, float32 as data.py gives, grey levels in [0, 1]."""
+    model = tiny_model("lvae")
+    x = binary_batch(3)
+    expected, _ = model(x, lvae.Noise(0))
+    got, _ = model(autograd.Tensor(x), lvae.Noise(0))
+    np.testing.assert_array_equal(got.data, expected.data)
+    grey = np.random.default_rng(0).random((3, X_DIM)).astype(np.float32)
+    log_px, _ = lvae.elbo(model, grey, lvae.Noise(0))
+    assert np.isfinite(float(log_px.data))
+
+
+@pytest.mark.parametrize("samples", [2.0, "4", True])
+def test_forward_samples_must_be_an_int(samples):
+    with pytest.raises(TypeError, match="samples must be an int"):
+        tiny_model("lvae")(binary_batch(2), lvae.Noise(0), samples=samples)
 
 
 @pytest.mark.parametrize("n_layers", [1, 3, 6])
