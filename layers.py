@@ -105,8 +105,65 @@ class Module:
             xp = get_array_module(t.data)
             t.data = xp.asarray(to_numpy(state[name]), dtype=t.dtype).copy()
 
+    def named_modules(self, prefix=""):
+        """(dotted name, module) of every sub-module below this one, in definition order."""
+        for name, value in vars(self).items():
+            items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+            for i, item in items:
+                if isinstance(item, Module):
+                    path = f"{prefix}{name}" if i is None else f"{prefix}{name}.{i}"
+                    yield path, item
+                    yield from item.named_modules(path + ".")
+
+    # a function (module, output) -> None called after every module's forward, or None;
+    # set only while looking for where a NaN appeared (see first_nonfinite_module)
+    _watch = None
+
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        out = self.forward(*args, **kwargs)
+        if Module._watch is not None:
+            Module._watch(self, out)
+        return out
+
+
+def _all_finite(value):
+    """Whether every array in a module's output (a Tensor, an array or a tuple) is finite."""
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    data = value.data if isinstance(value, Tensor) else value
+    if not hasattr(data, "dtype"):
+        return True
+    return bool(get_array_module(data).isfinite(data).all())
+
+
+def first_nonfinite_module(model, run):
+    """Where a NaN or inf first appears: call ``run()`` (a forward pass through ``model``)
+    with every module's output checked, and return the dotted name of the first module,
+    in the order they ran, whose output is not finite ('' for the model itself), or None.
+
+    A module's sub-modules finish before it does, so the name is the innermost module
+    that produced the first bad value, e.g. 'up_blocks.1.dense.0'. Before the pass, a
+    parameter that is already non-finite is reported as 'parameter <name>' (buffers are
+    not: batch norm's running averages may have taken in the failed step's NaN, and a
+    training-mode pass does not use them). Slow (it reads every output back), so it is
+    meant for diagnosis after a failure.
+    """
+    for name, t in model.named_parameters():
+        if not _all_finite(t):
+            return f"parameter {name}"
+    names = {id(m): name for name, m in model.named_modules()}
+    names[id(model)] = ""
+    found = []
+
+    def watch(module, out):
+        if not found and id(module) in names and not _all_finite(out):
+            found.append(names[id(module)])
+    Module._watch = watch
+    try:
+        run()
+    finally:
+        Module._watch = None
+    return found[0] if found else None
 
 
 # ----------------------------------------------------------------------------------
@@ -147,6 +204,11 @@ class Dense(Module):
     """
 
     def __init__(self, n_in, n_out, bias=True, init="glorot", rng=None, dtype=np.float32):
+        for name, n in (("n_in", n_in), ("n_out", n_out)):
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+                raise TypeError(f"Dense: {name} must be an int, got {n!r} ({type(n).__name__})")
+            if n < 1:
+                raise ValueError(f"Dense: {name} must be a positive int, got {n}")
         rng = rng if rng is not None else np.random.default_rng()
         if init == "glorot":
             limit = math.sqrt(6.0 / (n_in + n_out))
@@ -167,6 +229,13 @@ class Dense(Module):
         return layer
 
     def forward(self, x):
+        """x W + b for a Tensor x; a NumPy or CuPy array becomes a constant Tensor."""
+        if not isinstance(x, Tensor):
+            if not isinstance(x, get_array_module(x).ndarray):
+                raise TypeError(f"Dense: expected a Tensor or an array, got {type(x).__name__}")
+            # without this, x.data would be the array's raw memoryview; integer pixels
+            # become the weight's float dtype rather than promoting the product
+            x = Tensor(x if x.dtype.kind == "f" else x.astype(self.weight.dtype))
         return linear(x, self.weight, self.bias)
 
 
@@ -429,6 +498,33 @@ def fold_batch_norm(model):
 # ----------------------------------------------------------------------------------
 # Optimiser
 # ----------------------------------------------------------------------------------
+def _check_adam_params(params):
+    """The parameters as a non-empty list of Tensors, or a TypeError/ValueError."""
+    if isinstance(params, (Tensor, Module)) or not hasattr(params, "__iter__"):
+        raise TypeError(f"Adam: params must be a list of Tensors (e.g. model.parameters()), "
+                        f"got {type(params).__name__}")
+    params = list(params)
+    if not params:
+        raise ValueError("Adam: params is empty; pass the Tensors to train "
+                         "(e.g. model.parameters())")
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"Adam: params[{i}] must be a Tensor, got {type(p).__name__}")
+    return params
+
+
+def _check_number(name, value, low, high=None, low_open=False):
+    """A real number (not a bool or a string) with low <= value < high (low < value if
+    ``low_open``): the hyperparameters of Adam, checked before the first step needs them."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"Adam: {name} must be a number, got {value!r} ({type(value).__name__})")
+    too_low = value <= low if low_open else value < low
+    if too_low or (high is not None and value >= high) or not math.isfinite(value):
+        interval = ("(" if low_open else "[") + f"{low}, " + (f"{high})" if high is not None
+                                                              else "inf)")
+        raise ValueError(f"Adam: {name} must be in {interval}, got {value}")
+
+
 class Adam:
     """Adam (Kingma and Ba, 2015), updating parameters in place.
 
@@ -440,7 +536,13 @@ class Adam:
     """
 
     def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, clip_norm=None):
-        self.params = list(params)
+        self.params = _check_adam_params(params)
+        _check_number("lr", lr, low=0)  # 0 is allowed: the weights stay, batch-norm statistics move
+        _check_number("beta1", beta1, low=0, high=1)  # beta = 1: 1 - beta^t = 0 divides
+        _check_number("beta2", beta2, low=0, high=1)
+        _check_number("eps", eps, low=0)
+        if clip_norm is not None:
+            _check_number("clip_norm", clip_norm, low=0, low_open=True)
         self.lr, self.beta1, self.beta2, self.eps, self.clip_norm = lr, beta1, beta2, eps, clip_norm
         self.t = 0
         self.m = [get_array_module(p.data).zeros_like(p.data) for p in self.params]

@@ -3,12 +3,16 @@
     python train.py                                   # the paper's recipe (2000 epochs)
     python train.py --epochs=10 --warmup=5            # a short run (minutes on a CPU)
     python train.py --model=vae --out_dir=runs/vae    # the baseline
-    python train.py --iw_samples=10 --lr=2e-4 --init_from=runs/lvae/ckpt.npz  # IW fine-tuning
+    python train.py --iw_samples=10 --warmup=0 --lr=2e-4 --epochs=100 \
+        --init_from=runs/lvae/ckpt.npz --out_dir=runs/lvae-iw   # IW fine-tuning, a new out_dir
     python train.py --device=cuda                     # on a GPU, through CuPy
 
 Configuration: the plain values below; override any with --key=value (the type must
 match the default's; unknown keys are an error). Running again with the same out_dir
-resumes from its checkpoint, exactly where it stopped (Ctrl-C saves before exiting).
+resumes from its checkpoint, exactly where it stopped (Ctrl-C saves before exiting); the
+architecture must stay the same, and a change of any other option (a longer --epochs, a
+new --lr) is printed when the run resumes. The paper's code also clips the gradient
+norm; here that is off unless --clip_norm is set.
 """
 import contextlib
 import json
@@ -24,8 +28,8 @@ import numpy as np
 import checkpoint
 import data
 import lvae
-from autograd import check_device, get_array_module, to_device
-from layers import Adam, recompute_batchnorm_statistics
+from autograd import check_device, get_array_module, no_grad, to_device
+from layers import Adam, first_nonfinite_module, recompute_batchnorm_statistics
 
 # ---------------------------------------------------------------------------- config
 model = "lvae"                  # 'lvae' or 'vae'
@@ -36,7 +40,8 @@ batch_norm = True               # on every dense layer but the output
 dataset = "mnist"               # 'mnist', 'fashion_mnist' or 'omniglot'
 data_root = ""                  # folder with the data files ('' = defaults, see data.py)
 epochs = 2000                   # the paper trains up to 2000 epochs
-warmup = 200                    # epochs over which beta rises from 0 to 1 (0 = no warm-up)
+warmup = 200                    # epochs over which beta rises from 0 to 1 (0 = no warm-up;
+                                #   must be 0 with iw_samples > 1: L_K has no KL term to weight)
 batch_size = 256
 lr = 2e-3                       # Adam learning rate (the paper's code README uses 2e-4)
 clip_norm = 0.0                 # clip the global gradient norm (0 = off)
@@ -79,9 +84,70 @@ def apply_overrides(args, namespace):
             else:
                 parsed = type(default)(value)
         except ValueError:
-            raise SystemExit(f"error: --{key} expects a {type(default).__name__} like "
-                             f"{default!r}, got {value!r}") from None
+            kind = {"int": "an integer", "float": "a number", "str": "a string",
+                    "bool": "true or false", "tuple": "comma-separated integers"}[type(default).__name__]
+            raise SystemExit(f"error: --{key} expects {kind} like {default!r}, got {value!r}") from None
         namespace[key] = parsed
+
+
+class ConfigError(ValueError):
+    """An option value that cannot work (raised before any data is loaded)."""
+
+
+# options that must be >= 1, and options that must be >= 0
+POSITIVE = ("epochs", "batch_size", "iw_samples", "n_dense")
+NON_NEGATIVE = ("warmup", "clip_norm", "eval_interval", "eval_lk_samples", "eval_lk_images",
+                "final_lk_samples", "final_lk_images", "seed", "log_interval")
+
+
+def validate_config(config):
+    """Reject option values that cannot work, each with a message that names the option."""
+    for key in POSITIVE:
+        if config[key] < 1:
+            raise ConfigError(f"--{key} must be >= 1, got {config[key]}")
+    for key in NON_NEGATIVE:
+        if config[key] < 0:
+            raise ConfigError(f"--{key} must be >= 0, got {config[key]}")
+    if not config["lr"] >= 0:  # 0 freezes the weights (only batch-norm statistics move)
+        raise ConfigError(f"--lr must be >= 0, got {config['lr']}")
+    if config["model"] not in lvae.MODELS:
+        raise ConfigError(f"unknown model {config['model']!r}: choose one of {sorted(lvae.MODELS)}")
+    if config["iw_samples"] > 1 and config["warmup"] > 0:
+        raise ConfigError("--warmup weights the ELBO's KL terms, and the importance-weighted "
+                          f"bound (--iw_samples={config['iw_samples']}) has none: add --warmup=0")
+    if not config["out_dir"]:
+        raise ConfigError("--out_dir must name a folder")
+    if os.path.exists(config["out_dir"]) and not os.path.isdir(config["out_dir"]):
+        raise ConfigError(f"--out_dir={config['out_dir']} is a file, not a folder")
+    if config["warmup"] > config["epochs"]:
+        print(f"note: --warmup={config['warmup']} is longer than --epochs={config['epochs']}: "
+              f"beta only reaches {(config['epochs'] - 1) / config['warmup']:.2f}")
+
+
+# options whose change does not matter to a resumed run (the architecture is checked by checkpoint.load)
+_ANY_ON_RESUME = ("out_dir", "log_interval", "device")
+
+
+def check_resume(saved, config, step):
+    """Options given now against those the checkpoint was trained with: refuse the changes
+    that would silently do something else, print the others."""
+    def norm(v):
+        return tuple(v) if isinstance(v, list) else v
+    changed = {k: (norm(saved[k]), config[k]) for k in config
+               if k in saved and norm(saved[k]) != config[k] and k not in _ANY_ON_RESUME}
+    if "init_from" in changed:
+        old, new = changed["init_from"]
+        raise ConfigError(
+            f"{config['out_dir']} already holds a run started with init_from={old!r}; resuming it "
+            f"would ignore --init_from={new!r}. Give the new run its own --out_dir.")
+    if step > 0 and "batch_size" in changed:
+        old, new = changed["batch_size"]
+        raise ConfigError(
+            f"the checkpoint stopped after step {step} of an epoch in batches of {old}; resume "
+            f"with --batch_size={old} (the batch size can change once that epoch is done)")
+    if changed:
+        print("resuming with changed options: " + ", ".join(
+            f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
 
 
 def beta_for(epoch):
@@ -102,24 +168,62 @@ def test_elbo(net, test_x, noise):
     return totals / n
 
 
-def add_terms(sums, pending, where, ckpt_path):
-    """Add the pending per-step terms to the epoch's sums (as Python floats), stopping
-    with a message that names the term if one is NaN or inf."""
-    for terms, n in pending:
-        values = {"log_px": float(terms["log_px"]), "elbo": float(terms["elbo"])}
-        kls = [float(k) for k in terms["kl"]]
-        bad = [name for name, v in (("the reconstruction term log p(x|z1)", values["log_px"]),
-                                    *((f"the KL term of layer z{i + 1}", k) for i, k in enumerate(kls)))
-               if not math.isfinite(v)]
+def _as_floats(terms):
+    return float(terms["log_px"]), float(terms["elbo"]), [float(k) for k in terms["kl"]]
+
+
+def check_finite(pending, where, ckpt_path, locate=None):
+    """Stop with a message naming the term that is NaN or inf, if one is, and where it
+    first appeared (``locate()``: a description from re-running the step, see
+    locate_nonfinite), and saying what is kept."""
+    for terms, _ in pending:
+        log_px, _, kls = _as_floats(terms)
+        named = [("the reconstruction term log p(x|z1)", log_px),
+                 *((f"the KL term of layer z{i + 1}", k) for i, k in enumerate(kls))]
+        bad = [name for name, v in named if not math.isfinite(v)]
         if bad:
-            raise FloatingPointError(
-                f"{where}: {bad[0]} became NaN or inf; stopped, the last good checkpoint "
-                f"is kept in {ckpt_path}. Try a lower --lr or set --clip_norm.")
-        sums["elbo"] += values["elbo"] * n
-        sums["log_px"] += values["log_px"] * n
+            found = f"; {locate()}" if locate else ""
+            kept = (f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path)
+                    else "nothing was saved yet")
+            raise FloatingPointError(f"{where}: {bad[0]} became NaN or inf{found}. Stopped: {kept}. "
+                                     f"Try a lower --lr or set --clip_norm.")
+
+
+def add_terms(sums, pending, where, ckpt_path):
+    """Add the pending per-step terms to the epoch's sums (as Python floats), after
+    checking them (check_finite)."""
+    check_finite(pending, where, ckpt_path)
+    for terms, n in pending:
+        log_px, elbo_value, kls = _as_floats(terms)
+        sums["elbo"] += elbo_value * n
+        sums["log_px"] += log_px * n
         sums["kl"] = [s + k * n for s, k in zip(sums["kl"], kls)]
         sums["n"] += n
     pending.clear()
+
+
+def training_objective(net, xb, noise, beta):
+    """The training objective of this run (to be maximised) and its terms."""
+    if iw_samples > 1:
+        return lvae.iw_bound(net, xb, noise, iw_samples)
+    return lvae.elbo(net, xb, noise, beta)
+
+
+def locate_nonfinite(net, xb, noise, noise_state, beta):
+    """Where a NaN of this step came from: its forward pass again, on the same batch with
+    the same noise, with every module's output checked (layers.first_nonfinite_module)."""
+    def forward():
+        noise.set_state(noise_state)
+        with no_grad():
+            training_objective(net, xb, noise, beta)
+    name = first_nonfinite_module(net, forward)
+    if name is None:
+        return ("every layer's output was finite: it arose in the terms computed from them "
+                "(the Gaussian merge, the KL or the likelihood)")
+    if name.startswith("parameter"):
+        return f"the {name} already held NaN or inf"
+    kind = type(dict(net.named_modules()).get(name, net)).__name__
+    return f"it first appeared in the output of {name or 'the model'} ({kind})"
 
 
 @contextlib.contextmanager
@@ -159,7 +263,11 @@ def epoch_on_device(batches, device):
 def main(argv):
     apply_overrides(argv, globals())
     config = {k: globals()[k] for k in config_keys}
-    check_device(device)
+    validate_config(config)
+    try:
+        check_device(device)
+    except (ValueError, RuntimeError) as e:  # an unknown name, or no usable CUDA device
+        raise ConfigError(f"--device={device}: {e}") from None
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "ckpt.npz")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -181,6 +289,7 @@ def main(argv):
     history = []
     if os.path.exists(ckpt_path):
         state, history = checkpoint.load(ckpt_path, net, optimizer, noise, config)
+        check_resume(checkpoint.read_config(ckpt_path), config, state["step"])
         print(f"resuming from {ckpt_path}: epoch {state['epoch']}, step {state['step']}")
     elif init_from:
         checkpoint.load_weights(init_from, net)
@@ -212,18 +321,21 @@ def main(argv):
                     continue
                 with deferred_interrupt():  # Ctrl-C lands between steps, never inside one
                     noise.new_step()
+                    noise_state = noise.get_state()  # to replay this step if it goes wrong
                     xb = to_device(batch, device)
-                    if iw_samples > 1:
-                        objective, terms = lvae.iw_bound(net, xb, noise, iw_samples)
-                    else:
-                        objective, terms = lvae.elbo(net, xb, noise, beta)
+                    objective, terms = training_objective(net, xb, noise, beta)
+                    pending.append((terms, len(batch)))
+                    # reading numbers back from a GPU waits for it: there, every log_interval steps
+                    read_back = device == "cpu" or (step + 1) % (log_interval or 50) == 0
+                    where = f"epoch {epoch + 1}, step {step + 1}"
+                    if read_back:  # before the update, while the weights that made a NaN are intact
+                        check_finite(pending, where, ckpt_path,
+                                     lambda: locate_nonfinite(net, xb, noise, noise_state, beta))
                     optimizer.zero_grad()
                     (-objective).backward()
                     optimizer.step()
-                    pending.append((terms, len(batch)))
-                    # reading numbers back from a GPU waits for it: there, every log_interval steps
-                    if device == "cpu" or (step + 1) % (log_interval or 50) == 0:
-                        add_terms(sums, pending, f"epoch {epoch + 1}, step {step + 1}", ckpt_path)
+                    if read_back:
+                        add_terms(sums, pending, where, ckpt_path)
                     state = {"epoch": epoch, "step": step + 1, "sums": sums, "pending": pending}
                 if log_interval and (step + 1) % log_interval == 0:
                     rate = (time.perf_counter() - t0) / (step + 1 - first_step)
@@ -251,21 +363,34 @@ def main(argv):
                     record["lk_samples"] = eval_lk_samples
                     line += f", L_{eval_lk_samples} {record['test_lk']:.2f} ({len(lk_images)} images)"
             print(line, flush=True)
-            history.append(record)
-            state = {"epoch": epoch, "step": 0, "sums": None, "data_rng": data_rng.bit_generator.state}
-            save(epoch, 0, None, state["data_rng"])
-            checkpoint.write_metrics(metrics_path, history)
+            with deferred_interrupt():  # a Ctrl-C here would leave the epoch done but unsaved
+                history.append(record)
+                save(epoch, 0, None, data_rng.bit_generator.state)
+                checkpoint.write_metrics(metrics_path, history)
+                state = {"epoch": epoch, "step": 0, "sums": None,
+                         "data_rng": data_rng.bit_generator.state}
     except KeyboardInterrupt:
         if "pending" in state:  # steps were done since the last save
             add_terms(state["sums"], state["pending"], f"epoch {state['epoch'] + 1}", ckpt_path)
             # stopped during the end-of-epoch evaluation: the epoch is recorded on resuming
             del history[state["epoch"]:]
-            save(state["epoch"], state["step"], state["sums"], epoch_rng_state)
+            try:
+                save(state["epoch"], state["step"], state["sums"], epoch_rng_state)
+            except (OSError, KeyboardInterrupt) as e:  # e.g. the disk is full
+                kept = (f"{ckpt_path} still holds the previous one" if os.path.exists(ckpt_path)
+                        else "nothing saved yet")
+                print(f"\ninterrupted, and the checkpoint could not be written ({e!r}): {kept}")
+                return 1
         where = (f"{ckpt_path} holds epoch {state['epoch']}, step {state['step']}; run the same "
                  f"command again to resume" if os.path.exists(ckpt_path) else "nothing saved yet")
         print(f"\ninterrupted: {where}")
         return 1
-    finalize(net, ds, test_x, noise, history)
+    try:
+        finalize(net, ds, test_x, noise, history)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during the final evaluation: training is complete and saved in "
+              f"{ckpt_path}; run the same command again to redo the final evaluation")
+        return 1
     return 0
 
 
@@ -309,4 +434,8 @@ def finalize(net, ds, test_x, noise, history):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (ConfigError, checkpoint.CheckpointError, data.DataError, FloatingPointError) as e:
+        # errors that name their cause: the message is the whole story, no traceback needed
+        sys.exit(f"error: {e}")

@@ -256,6 +256,32 @@ def test_dense_init_is_reproducible_with_a_seeded_rng():
     np.testing.assert_array_equal(a, b, err_msg="the same seed should give the same weights")
 
 
+@pytest.mark.parametrize("n_in, n_out, error, message", [
+    (0, 5, ValueError, r"Dense: n_in must be a positive int, got 0"),
+    (-1, 5, ValueError, r"Dense: n_in must be a positive int, got -1"),
+    (3, 0, ValueError, r"Dense: n_out must be a positive int, got 0"),
+    (2.0, 5, TypeError, r"Dense: n_in must be an int, got 2.0 \(float\)"),
+    (3, True, TypeError, r"Dense: n_out must be an int, got True \(bool\)"),
+], ids=["n_in 0", "n_in negative", "n_out 0", "n_in float", "n_out bool"])
+def test_dense_sizes_must_be_positive_ints(n_in, n_out, error, message):
+    with pytest.raises(error, match=message):
+        Dense(n_in, n_out)
+
+
+def test_dense_accepts_a_plain_array_as_a_constant():
+    layer = Dense(3, 2, rng=np.random.default_rng(12))
+    x = np.random.default_rng(13).random((4, 3)).astype(np.float32)
+    y = layer(x)
+    np.testing.assert_array_equal(y.data, layer(Tensor(x)).data)
+    assert layer(np.ones((4, 3), np.uint8)).dtype == np.float32, (
+        "integer input should take the weight's dtype")
+
+
+def test_dense_on_a_list_is_a_clear_type_error():
+    with pytest.raises(TypeError, match=r"Dense: expected a Tensor or an array, got list"):
+        Dense(3, 2)([[1.0, 2.0, 3.0]])
+
+
 # ----------------------------------------------------------------------------------
 # Blocks
 # ----------------------------------------------------------------------------------
@@ -639,6 +665,47 @@ def test_adam_zero_grad():
     np.testing.assert_array_equal(x.grad, [3.0, 3.0],
                                   err_msg="after zero_grad() the next backward() should not "
                                           "accumulate")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(lr=-0.1), ValueError, r"Adam: lr must be in \[0, inf\), got -0.1"),
+    (dict(lr="0.1"), TypeError, r"Adam: lr must be a number, got '0.1' \(str\)"),
+    (dict(lr=float("nan")), ValueError, r"Adam: lr must be in \[0, inf\), got nan"),
+    (dict(beta1=1), ValueError, r"Adam: beta1 must be in \[0, 1\), got 1"),
+    (dict(beta1=-0.5), ValueError, r"Adam: beta1 must be in \[0, 1\), got -0.5"),
+    (dict(beta2=1.0), ValueError, r"Adam: beta2 must be in \[0, 1\), got 1.0"),
+    (dict(beta2=-0.1), ValueError, r"Adam: beta2 must be in \[0, 1\), got -0.1"),
+    (dict(eps=-1e-8), ValueError, r"Adam: eps must be in \[0, inf\), got -1e-08"),
+    (dict(clip_norm=0), ValueError, r"Adam: clip_norm must be in \(0, inf\), got 0"),
+    (dict(clip_norm=-1.0), ValueError, r"Adam: clip_norm must be in \(0, inf\), got -1.0"),
+    (dict(beta1=True), TypeError, r"Adam: beta1 must be a number, got True \(bool\)"),
+], ids=["lr negative", "lr str", "lr nan", "beta1 1", "beta1 negative", "beta2 1",
+        "beta2 negative", "eps negative", "clip_norm 0", "clip_norm negative", "beta1 bool"])
+def test_adam_rejects_bad_hyperparameters(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        Adam([Tensor(np.zeros(2), requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("params, error, message", [
+    ([], ValueError, r"Adam: params is empty"),
+    (Tensor(np.zeros(2), requires_grad=True), TypeError,
+     r"Adam: params must be a list of Tensors.*got Tensor"),
+    (Dense(2, 2), TypeError, r"Adam: params must be a list of Tensors \(e.g. "
+                             r"model.parameters\(\)\), got Dense"),
+    ([np.zeros(2)], TypeError, r"Adam: params\[0\] must be a Tensor, got ndarray"),
+], ids=["empty", "one Tensor", "a module", "arrays"])
+def test_adam_rejects_bad_parameter_lists(params, error, message):
+    with pytest.raises(error, match=message):
+        Adam(params)
+
+
+def test_adam_accepts_edge_hyperparameters():
+    """beta = 0 (no averaging), eps = 0 and NumPy numbers are valid choices."""
+    p = Tensor(np.array([1.0]), requires_grad=True)
+    opt = Adam((q for q in [p]), lr=np.float32(0.5), beta1=0, beta2=0.0, eps=0, clip_norm=10)
+    p.grad = np.array([2.0])
+    opt.step()
+    np.testing.assert_allclose(p.data, [0.5], rtol=1e-7)  # step lr * g / |g|
 
 
 # ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -190,7 +191,7 @@ def test_full_run_writes_checkpoint_metrics_final_and_plots(run, tmp_path, capsy
 
 def test_vae_with_iw_objective_and_no_batch_norm(run, tmp_path):
     out = tmp_path / "vae"
-    assert run(out, "--model=vae", "--iw_samples=3", "--batch_norm=false", "--epochs=1") == 0
+    assert run(out, "--model=vae", "--iw_samples=3", "--warmup=0", "--batch_norm=false", "--epochs=1") == 0
     arrays, meta = read_ckpt(out)
     assert meta["config"]["model"] == "vae" and meta["config"]["batch_norm"] is False
     assert not any("norm" in k for k in arrays)
@@ -297,7 +298,7 @@ def test_ctrl_c_after_the_forward_pass_then_resume_is_identical(run, tmp_path, m
 
 def test_ctrl_c_in_iw_training_then_resume_is_identical(run, tmp_path, monkeypatch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    flags = ["--epochs=2", "--iw_samples=3"]
+    flags = ["--epochs=2", "--iw_samples=3", "--warmup=0"]
     assert run(straight, *flags) == 0
     real = lvae.iw_bound
     monkeypatch.setattr(lvae, "iw_bound", interrupt_on_call(real, 5, after=True))
@@ -462,6 +463,57 @@ def test_resume_with_another_architecture_is_a_clear_error(run, tmp_path, change
         run(out, "--epochs=2", change)
 
 
+def test_resume_prints_changed_options_and_refuses_a_new_init_from(run, tmp_path, capsys):
+    base, other = tmp_path / "base", tmp_path / "other"
+    assert run(base, "--epochs=1") == 0
+    assert run(other, "--epochs=1") == 0
+    capsys.readouterr()
+    assert run(base, "--epochs=2", "--lr=0.0005") == 0
+    assert "resuming with changed options: epochs 1 -> 2, lr 0.002 -> 0.0005" in capsys.readouterr().out
+    # fine-tuning into the base run's out_dir would resume it and ignore init_from
+    with pytest.raises(ValueError, match=r"init_from=''.*ignore --init_from=.*own --out_dir"):
+        run(base, "--epochs=3", f"--init_from={other / 'ckpt.npz'}")
+
+
+def test_resume_in_the_middle_of_an_epoch_with_another_batch_size_is_refused(
+        run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = layers.Adam.step
+    monkeypatch.setattr(layers.Adam, "step", interrupt_on_call(real, 3, how="raise"))
+    assert run(out, "--epochs=1") == 1
+    monkeypatch.setattr(layers.Adam, "step", real)
+    assert read_ckpt(out)[1]["step"] == 2
+    with pytest.raises(ValueError, match=r"after step 2 .* batches of 64.*--batch_size=64"):
+        run(out, "--epochs=1", "--batch_size=32")
+    assert run(out, "--epochs=1") == 0  # the same batch size resumes
+
+
+def test_ctrl_c_during_the_end_of_epoch_save_keeps_the_epoch(run, tmp_path, monkeypatch, capsys):
+    """A real SIGINT while epoch 2's checkpoint is written: the write finishes, the
+    message is true, and resuming gives the straight run."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(straight, "--epochs=3") == 0
+    real = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", interrupt_on_call(real, 2))
+    assert run(stopped, "--epochs=3") == 1
+    monkeypatch.setattr(checkpoint, "save", real)
+    assert "ckpt.npz holds epoch 2, step 0" in capsys.readouterr().out
+    assert read_ckpt(stopped)[1]["epoch"] == 2
+    assert [m["epoch"] for m in read_metrics(stopped)] == [1, 2]
+    assert run(stopped, "--epochs=3") == 0
+    assert_same_checkpoint(straight, stopped)
+
+
+def test_ctrl_c_during_the_final_evaluation_says_training_is_saved(run, tmp_path, monkeypatch,
+                                                                  capsys):
+    out = tmp_path / "run"
+    monkeypatch.setattr(lvae, "sample_prior", interrupt_on_call(lvae.sample_prior, 1, how="raise"))
+    assert run(out, "--epochs=1", final=True) == 1
+    assert "interrupted during the final evaluation: training is complete and saved" in \
+        capsys.readouterr().out
+    assert read_ckpt(out)[1]["epoch"] == 1
+
+
 # ----------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------
@@ -471,10 +523,10 @@ def test_unknown_option_lists_the_valid_ones(run, tmp_path):
 
 
 @pytest.mark.parametrize("arg, pattern", [
-    ("--epochs=abc", r"--epochs expects a int like 2000, got 'abc'"),
-    ("--lr=fast", r"--lr expects a float"),
-    ("--batch_norm=maybe", r"--batch_norm expects a bool"),
-    ("--z_dims=4,x", r"--z_dims expects a tuple"),
+    ("--epochs=abc", r"--epochs expects an integer like 2000, got 'abc'"),
+    ("--lr=fast", r"--lr expects a number like 0.002"),
+    ("--batch_norm=maybe", r"--batch_norm expects true or false"),
+    ("--z_dims=4,x", r"--z_dims expects comma-separated integers like \(4, 2\), got '4,x'"),
 ])
 def test_wrong_type_names_the_key_and_the_type(run, tmp_path, arg, pattern):
     with pytest.raises(SystemExit, match=pattern):
@@ -505,7 +557,7 @@ def test_overrides_do_not_leak_after_reload(run, tmp_path):
 
 @pytest.mark.skipif(autograd.cuda_available(), reason="CUDA is available here")
 def test_cuda_without_cuda_is_a_clear_error(run, tmp_path):
-    with pytest.raises(RuntimeError, match="device 'cuda'.*not available"):
+    with pytest.raises(ValueError, match="device 'cuda'.*not available"):
         run(tmp_path / "run", "--device=cuda")
 
 
@@ -516,6 +568,44 @@ def test_unknown_device_model_and_dataset(run, tmp_path):
         run(tmp_path / "b", "--model=ladder")
     with pytest.raises(data.DataError, match=r"unknown data set 'cifar'.*mnist"):
         run(tmp_path / "c", "--dataset=cifar")
+
+
+@pytest.mark.parametrize("arg, pattern", [
+    ("--epochs=0", r"--epochs must be >= 1, got 0"),
+    ("--batch_size=0", r"--batch_size must be >= 1"),
+    ("--iw_samples=0", r"--iw_samples must be >= 1"),
+    ("--lr=-0.001", r"--lr must be >= 0"),
+    ("--clip_norm=-1", r"--clip_norm must be >= 0"),
+    ("--warmup=-5", r"--warmup must be >= 0"),
+    ("--final_lk_samples=-5", r"--final_lk_samples must be >= 0"),
+    ("--final_lk_images=-9990", r"--final_lk_images must be >= 0"),
+    ("--seed=-1", r"--seed must be >= 0"),
+    ("--out_dir=", r"--out_dir must name a folder"),
+])
+def test_option_values_that_cannot_work_are_refused_before_loading_data(
+        run, tmp_path, monkeypatch, arg, pattern):
+    monkeypatch.setattr(data, "load_dataset", lambda *a: pytest.fail("data loaded"))
+    with pytest.raises(ValueError, match=pattern):
+        run(tmp_path / "run", arg)
+
+
+def test_out_dir_that_is_a_file_and_warm_up_with_the_iw_bound(run, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(ValueError, match="notes.txt is a file"):
+        run(a_file)
+    with pytest.raises(ValueError, match=r"--iw_samples=3.*--warmup=0"):
+        run(tmp_path / "iw", "--iw_samples=3", "--warmup=5")
+
+
+def test_script_prints_expected_errors_without_a_traceback(tmp_path):
+    """Run as a script, an option error is one line on stderr and exit status 1."""
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--epochs=0",
+                             f"--out_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: --epochs must be >= 1"), result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # ----------------------------------------------------------------------------------
@@ -563,6 +653,33 @@ def test_nan_reconstruction_term_in_the_first_epoch(run, tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"reconstruction term log p\(x\|z1\)"):
         run(out, "--epochs=2")
     assert not (out / "ckpt.npz").exists()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns of the overflow
+def test_a_real_overflow_is_located_in_the_layer_where_it_appeared(run, tmp_path, monkeypatch):
+    """One weight of the second bottom-up block's dense layer made huge: its output
+    overflows to inf at the first step, and the message names that layer."""
+    real = lvae.build_model
+
+    def build(*args, **kwargs):
+        net = real(*args, **kwargs)
+        net.up_blocks[1].dense[0].weight.data[:] = 3e38
+        return net
+    monkeypatch.setattr(lvae, "build_model", build)
+    with pytest.raises(FloatingPointError,
+                       match=r"epoch 1, step 1: .*NaN or inf; it first appeared in the output of "
+                             r"up_blocks\.1\.dense\.0 \(Dense\)\. Stopped: nothing was saved yet"):
+        run(tmp_path / "run", "--epochs=1")
+
+
+def test_first_nonfinite_module_names_a_bad_parameter_first():
+    net = lvae.build_model("lvae", z_dims=(4, 2), hidden=(16, 8), n_dense=1)
+    x = np.random.default_rng(0).random((8, 784), dtype=np.float32)
+    forward = lambda: lvae.elbo(net, x, lvae.Noise(0))  # noqa: E731
+    assert layers.first_nonfinite_module(net, forward) is None
+    net.prior_heads[0].var_dense.weight.data[0, 0] = np.nan
+    assert layers.first_nonfinite_module(net, forward) == "parameter prior_heads.0.var_dense.weight"
+    assert layers.Module._watch is None  # the hook is removed afterwards
 
 
 # ----------------------------------------------------------------------------------
