@@ -595,6 +595,16 @@ def test_adam_minimises_least_squares():
                                        "of ||Ax - b||^2")
 
 
+def test_adam_clip_scale_for_the_gpu_path_on_numpy():
+    """The scale the GPU path applies to every gradient, min(1, c / ||g||): it runs on
+    NumPy arrays too, so it is checked here without a GPU (||[3, 4]|| = 5)."""
+    p = Tensor(np.zeros(2), requires_grad=True)
+    for clip, expected in ((10.0, 1.0), (1.0, 0.2)):
+        opt = Adam([p], clip_norm=clip)
+        np.testing.assert_allclose(float(opt._device_clip_scale([np.array([3.0, 4.0])])),
+                                   expected, rtol=1e-9)
+
+
 def test_adam_clip_norm():
     p0, q0 = np.array([1.0, 2.0]), np.array([[0.5], [-1.0]])
     # step 1: ||(3, 4, 0, 12)|| = 13 > clip 5, scaled by 5/13; step 2: norm 1 < 5, not scaled

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import autograd  # noqa: E402
 import lvae  # noqa: E402
 from autograd import no_grad  # noqa: E402
+from gaussian import gaussian_kl, log_normal  # noqa: E402
 
 X_DIM = 8
 TINY = dict(x_dim=X_DIM, z_dims=(3, 2), hidden=(5, 4), n_dense=2)
@@ -336,6 +337,91 @@ def test_log_likelihood_bound_with_more_images_than_max_rows(monkeypatch):
                                       batch_size=30, max_rows=8)
     assert bound.shape == (30,)
     assert max(int(np.prod(s[:-1])) for s in shapes) == 30
+
+
+# ----------------------------------------------------------------------------------
+# The bounds' values, recomputed from their definitions
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", MODELS)
+def test_log_weights_are_log_joint_minus_log_q(kind):
+    """log w = log p(x|z_1) + sum_i [log p(z_i|z_i+1) - log q(z_i|.)], rebuilt from the
+    samples and the Gaussians the forward pass stored (top prior N(0, I)); for the LVAE
+    each analytic KL term is KL(q_i || p_i) with that layer's own prior."""
+    model = tiny_model(kind).eval()
+    x = binary_batch(6)
+    with no_grad():
+        log_px, layers = model(x, lvae.Noise(3), samples=5, kl="sample")
+        log_w = lvae.log_weights(model, x, lvae.Noise(3), 5).data
+        _, analytic = model(x, lvae.Noise(3), samples=5, kl="analytic")
+    top = model.n_layers - 1
+    expected = log_px.data.copy()
+    for i in range(model.n_layers):
+        mu_p, var_p = (0.0, 1.0) if i == top else (layers.mu_p[i].data, layers.var_p[i].data)
+        z = layers.z[i].data
+        expected = expected + (log_normal(z, mu_p, var_p).data
+                               - log_normal(z, layers.mu_q[i].data, layers.var_q[i].data).data).sum(-1)
+        if kind == "lvae":
+            mu_p, var_p = (0.0, 1.0) if i == top else (analytic.mu_p[i].data, analytic.var_p[i].data)
+            np.testing.assert_allclose(
+                analytic.kl_units[i].data,
+                gaussian_kl(analytic.mu_q[i].data, analytic.var_q[i].data, mu_p, var_p).data,
+                rtol=1e-12, err_msg=f"layer {i}: the KL is not KL(q || p) against its own prior")
+    np.testing.assert_allclose(log_w, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_l_k_converges_to_log_p_x_by_quadrature():
+    """End to end: one unit per layer, so log p(x) = log of a 2-D integral over (z_2, z_1),
+    computed by 80 x 80-point Gauss-Hermite quadrature (agrees with a 1501^2 grid to
+    3e-4). L_K with K = 200,000 must match it: an untrained model's importance weights
+    are heavy-tailed, so a smaller K can still be a few tenths below (or, in one draw,
+    above) log p(x)."""
+    model = lvae.build_model("lvae", x_dim=4, z_dims=(1, 1), hidden=(6, 6), n_dense=1,
+                             batch_norm=False, seed=3).astype(np.float64).eval()
+    x = binary_batch(5, x_dim=4)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)  # for the weight exp(-t^2/2)
+    weights = weights / weights.sum()
+    with no_grad():
+        mu_p, var_p = model.prior(0, autograd.Tensor(nodes[:, None]))      # p(z_1 | z_2 = node)
+        z1 = mu_p.data + np.sqrt(var_p.data) * nodes[None, :]             # (z_2 node, z_1 node)
+        logits = model.decode(autograd.Tensor(z1.reshape(-1, 1))).data
+    log_lik = (x[:, None, :] * logits[None] - np.logaddexp(0, logits)[None]).sum(-1)
+    log_px = np.logaddexp.reduce(log_lik + np.log(np.outer(weights, weights).reshape(-1)), axis=1)
+    bound = lvae.log_likelihood_bound(model, x, 200_000, lvae.Noise(0))
+    np.testing.assert_allclose(bound, log_px, atol=0.05)
+
+
+def test_iw_bound_value_is_the_mean_log_sum_exp_minus_log_k():
+    model = tiny_model().eval()
+    x = binary_batch(6)
+    with no_grad():
+        objective, _ = lvae.iw_bound(model, x, lvae.Noise(4), samples=7)
+        log_w = lvae.log_weights(model, x, lvae.Noise(4), 7).data
+    expected = (np.logaddexp.reduce(log_w, axis=0) - np.log(7)).mean()
+    np.testing.assert_allclose(float(objective.data), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_elbo_terms_under_warm_up(kind):
+    """During warm-up the objective weights the KL by beta; the reported ELBO does not."""
+    model = tiny_model(kind)
+    objective, terms = lvae.elbo(model, binary_batch(6), lvae.Noise(0), beta=0.3)
+    np.testing.assert_allclose(terms["elbo"], terms["log_px"] - sum(terms["kl"]), rtol=1e-12)
+    np.testing.assert_allclose(float(objective.data), terms["log_px"] - 0.3 * sum(terms["kl"]),
+                               rtol=1e-12)
+
+
+def test_sample_prior_draws_every_layer():
+    """The same draws replayed by hand: z_L = eps, then z_i = mu_p + sqrt(var_p) eps."""
+    model = tiny_model(z_dims=(3, 2, 2), hidden=(5, 4, 4))
+    images = lvae.sample_prior(model, 5, lvae.Noise(1))
+    noise, like = lvae.Noise(1), np.zeros(1)
+    with lvae.evaluation(model):
+        z = autograd.Tensor(noise.normal((5, 2), like))
+        for i in (1, 0):
+            mu, var = model.prior(i, z)
+            z = autograd.Tensor(mu.data + np.sqrt(var.data) * noise.normal(mu.shape, like))
+        expected = autograd.sigmoid_array(model.decode(z).data)
+    np.testing.assert_allclose(images, expected, rtol=1e-12, atol=1e-15)
 
 
 # ----------------------------------------------------------------------------------
