@@ -229,13 +229,27 @@ running_var = ((T)1 - m) * running_var + m * unbias * var;
 # the leaky ReLU's derivative applied to g, as the reductions below use it
 GRAD_THROUGH_LEAKY = "(out > (T)0 ? g : g * slope)"
 
+# The column sums of batch norm, as CuPy ReductionKernels over the rows (axis 0):
+# name: (input parameters, output parameter, the term summed (a C expression), the
+# output from the sum `a`). tests/test_kernel_bodies.py compiles these expressions too.
+BATCH_NORM_REDUCTIONS = {
+    "lvae_bn_var": ("T x, T mean, T n", "T var", "(x - mean) * (x - mean)", "var = a / n"),
+    "lvae_bn_dbeta": ("T g, T out, T slope", "T s", GRAD_THROUGH_LEAKY, "s = a"),
+    "lvae_bn_dgamma": ("T g, T out, T xhat, T slope", "T s", GRAD_THROUGH_LEAKY + " * xhat",
+                       "s = a"),
+}
+
+
+def _column_sum(name):
+    """The batch-norm ReductionKernel ``name`` of BATCH_NORM_REDUCTIONS."""
+    return _reduction(name, *BATCH_NORM_REDUCTIONS[name])
+
 
 def batch_norm_forward(rows, gamma, beta, eps, mean=None, var=None, slope=None):
     """Fused version of layers.batch_norm_forward: (out, xhat, mean, var)."""
     if mean is None:
         mean = rows.mean(axis=0)
-        var = _reduction("lvae_bn_var", "T x, T mean, T n", "T var", "(x - mean) * (x - mean)",
-                         "var = a / n")(rows, mean, len(rows), axis=0)
+        var = _column_sum("lvae_bn_var")(rows, mean, len(rows), axis=0)
     forward = _elementwise("lvae_bn_fwd", "T x, T mean, T var, T gamma, T beta, T eps, T slope",
                            "T xhat, T out", BATCH_NORM_FWD_BODY)
     xhat, out = forward(rows, mean, var, gamma, beta, eps, 1.0 if slope is None else slope)
@@ -245,10 +259,8 @@ def batch_norm_forward(rows, gamma, beta, eps, mean=None, var=None, slope=None):
 def batch_norm_backward(g, out, xhat, gamma, var, eps, training, slope=None):
     """Fused version of layers.batch_norm_backward: (dx, dgamma, dbeta)."""
     slope = 1.0 if slope is None else slope
-    dbeta = _reduction("lvae_bn_dbeta", "T g, T out, T slope", "T s", GRAD_THROUGH_LEAKY,
-                       "s = a")(g, out, slope, axis=0)
-    dgamma = _reduction("lvae_bn_dgamma", "T g, T out, T xhat, T slope", "T s",
-                        GRAD_THROUGH_LEAKY + " * xhat", "s = a")(g, out, xhat, slope, axis=0)
+    dbeta = _column_sum("lvae_bn_dbeta")(g, out, slope, axis=0)
+    dgamma = _column_sum("lvae_bn_dgamma")(g, out, xhat, slope, axis=0)
     backward = _elementwise("lvae_bn_bwd", "T g, T out, T xhat, T gamma, T var, T eps, T dbeta, "
                             "T dgamma, T n, T slope, bool training", "T dx", BATCH_NORM_BWD_BODY)
     dx = backward(g, out, xhat, gamma, var, eps, dbeta, dgamma, len(g), slope, training)

@@ -1,7 +1,8 @@
-"""The other fused kernels of kernels.py (batch norm + leaky ReLU, running averages, Adam,
-softplus, sigmoid) checked without a GPU: their C bodies are compiled with the machine's
-C compiler into a loop over elements and compared with the plain NumPy code they replace
-(layers.py and autograd.py), in float32 and float64.
+"""The other fused kernels of kernels.py (batch norm + leaky ReLU, its column sums, running
+averages, Adam, softplus, sigmoid) checked without a GPU: their C bodies are compiled with
+the machine's C compiler into a loop over elements (over rows, for the column sums) and
+compared with the plain NumPy code they replace (layers.py and autograd.py), in float32
+and float64.
 
 (The Gaussian kernels are checked the same way in test_kernels.py.)
 """
@@ -37,6 +38,15 @@ BODIES = {
 }
 DTYPES = [np.float32, np.float64]
 
+# The batch-norm column sums (kernels.BATCH_NORM_REDUCTIONS) are compiled as a loop over
+# columns that sums the term over the rows; each parameter is read per element of the
+# (rows, cols) input, once per column, or once in all
+REDUCTION_INPUTS = {
+    "lvae_bn_var": {"x": "element", "mean": "column", "n": "scalar"},
+    "lvae_bn_dbeta": {"g": "element", "out": "element", "slope": "scalar"},
+    "lvae_bn_dgamma": {"g": "element", "out": "element", "xhat": "element", "slope": "scalar"},
+}
+
 
 def c_function(name, body, params):
     args = ["long n_elements"]
@@ -59,6 +69,39 @@ def c_function(name, body, params):
     return "\n".join(lines)
 
 
+def c_reduction(name, in_params, out_param, map_expr, post_expr):
+    """A CuPy ReductionKernel over axis 0 as C: for each column, a = sum over the rows of
+    map_expr, then post_expr sets the output from a (as CuPy does, with the same names)."""
+    params = [p.split()[-1] for p in in_params.split(",")]
+    out = out_param.split()[-1]
+    index = {"element": "i * cols + j", "column": "j", "scalar": "0"}
+    kinds = REDUCTION_INPUTS[name]
+    args = ["long rows", "long cols"] + [f"const T *in_{p}" for p in params] + [f"T *out_{out}"]
+    lines = [f"void {name}({', '.join(args)}) {{", "    for (long j = 0; j < cols; ++j) {",
+             "        T a = (T)0;", "        for (long i = 0; i < rows; ++i) {"]
+    lines += [f"            const T {p} = in_{p}[{index[kinds[p]]}]; (void){p};" for p in params]
+    lines += [f"            a = a + ({map_expr});", "        }", "        {"]
+    lines += [f"            const T {p} = in_{p}[{index[kinds[p]]}]; (void){p};"
+              for p in params if kinds[p] != "element"]
+    lines += [f"            T {out};", f"            {post_expr};", f"            out_{out}[j] = {out};",
+              "        }", "    }", "}", ""]
+    return "\n".join(lines)
+
+
+def reduce(libraries, name, dtype, **values):
+    """Call the compiled reduction ``name`` on a (rows, cols) problem; returns its (cols,) output."""
+    kinds = REDUCTION_INPUTS[name]
+    rows, cols = next(np.shape(values[p]) for p, kind in kinds.items() if kind == "element")
+    shapes = {"element": (rows, cols), "column": (cols,), "scalar": (1,)}
+    arrays = [np.ascontiguousarray(np.broadcast_to(np.asarray(values[p], dtype), shapes[kind]))
+              for p, kind in kinds.items()]
+    result = np.empty(cols, dtype)
+    getattr(libraries[dtype], name)(ctypes.c_long(rows), ctypes.c_long(cols),
+                                    *(a.ctypes.data_as(ctypes.c_void_p) for a in arrays),
+                                    result.ctypes.data_as(ctypes.c_void_p))
+    return result
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -68,7 +111,8 @@ def compiled(tmp_path_factory):
     libraries = {}
     for dtype, ctype in [(np.float32, "float"), (np.float64, "double")]:
         source = "\n".join(["#include <tgmath.h>", "#include <stdbool.h>", f"typedef {ctype} T;", ""]
-                           + [c_function(name, body, params) for name, (body, params) in BODIES.items()])
+                           + [c_function(name, body, params) for name, (body, params) in BODIES.items()]
+                           + [c_reduction(name, *spec) for name, spec in kernels.BATCH_NORM_REDUCTIONS.items()])
         (folder / f"{ctype}.c").write_text(source)
         library = folder / f"{ctype}.so"
         command = [compiler, "-std=c99", "-O2", "-fPIC", "-shared", "-Wall", "-Wdouble-promotion",
@@ -134,6 +178,24 @@ def test_batch_norm_backward_body(compiled, dtype, slope, training):
               dbeta=dbeta, dgamma=dgamma, n=len(g), slope=1.0 if slope is None else slope,
               training=training)
     close(got["dx"], dx, dtype, f"batch norm dx (training={training})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("slope", [None, 0.01])
+def test_batch_norm_column_sums(compiled, dtype, slope):
+    """The batch variance, dbeta and dgamma of the fused batch norm's reductions."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((32, 6)) * 2 + 1).astype(dtype)
+    gamma, beta = rng.random(6).astype(dtype) + 0.5, rng.standard_normal(6).astype(dtype)
+    g = rng.standard_normal((32, 6)).astype(dtype)
+    out, xhat, mean, var = layers.batch_norm_forward(x, gamma, beta, 1e-4, slope=slope)
+    _, dgamma, dbeta = layers.batch_norm_backward(g, out, xhat, gamma, var, 1e-4, True, slope)
+    s = 1.0 if slope is None else slope
+    close(reduce(compiled, "lvae_bn_var", dtype, x=x, mean=mean, n=len(x)), var, dtype,
+          "batch variance")
+    close(reduce(compiled, "lvae_bn_dbeta", dtype, g=g, out=out, slope=s), dbeta, dtype, "dbeta")
+    close(reduce(compiled, "lvae_bn_dgamma", dtype, g=g, out=out, xhat=xhat, slope=s), dgamma,
+          dtype, "dgamma")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
