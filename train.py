@@ -343,7 +343,8 @@ def main(argv):
                           f"{sums['elbo'] / sums['n']:.2f} ({rate * 1000:.1f} ms/step)", flush=True)
             with deferred_interrupt():
                 add_terms(sums, pending, f"epoch {epoch + 1}", ckpt_path)
-            seconds = time.perf_counter() - t0
+            # an epoch resumed after Ctrl-C also counts the time spent on it before the stop
+            seconds = sums.get("seconds", 0.0) + time.perf_counter() - t0
             epoch += 1
             n = sums["n"]
             record = {"epoch": epoch, "beta": beta, "train_elbo": sums["elbo"] / n,
@@ -372,6 +373,7 @@ def main(argv):
     except KeyboardInterrupt:
         if "pending" in state:  # steps were done since the last save
             add_terms(state["sums"], state["pending"], f"epoch {state['epoch'] + 1}", ckpt_path)
+            state["sums"]["seconds"] = state["sums"].get("seconds", 0.0) + time.perf_counter() - t0
             # stopped during the end-of-epoch evaluation: the epoch is recorded on resuming
             del history[state["epoch"]:]
             try:

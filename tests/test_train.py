@@ -488,6 +488,22 @@ def test_resume_in_the_middle_of_an_epoch_with_another_batch_size_is_refused(
     assert run(out, "--epochs=1") == 0  # the same batch size resumes
 
 
+def test_a_resumed_epoch_counts_the_time_before_the_stop(run, tmp_path, monkeypatch):
+    """The seconds recorded for an epoch stopped by Ctrl-C and resumed include both parts
+    (a clock that advances one second per reading makes the parts visible)."""
+    out = tmp_path / "run"
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(train.time, "perf_counter", lambda: float(next(clock)))
+    real = layers.Adam.step
+    monkeypatch.setattr(layers.Adam, "step", interrupt_on_call(real, 5, after=True))
+    assert run(out, "--epochs=1", "--log_interval=0") == 1
+    before_stop = read_ckpt(out)[1]["sums"]["seconds"]
+    assert before_stop >= 1
+    monkeypatch.setattr(layers.Adam, "step", real)
+    assert run(out, "--epochs=1", "--log_interval=0") == 0
+    assert read_metrics(out)[0]["seconds"] > before_stop
+
+
 def test_ctrl_c_during_the_end_of_epoch_save_keeps_the_epoch(run, tmp_path, monkeypatch, capsys):
     """A real SIGINT while epoch 2's checkpoint is written: the write finishes, the
     message is true, and resuming gives the straight run."""
