@@ -289,8 +289,8 @@ def main(argv):
     history = []
     if os.path.exists(ckpt_path):
         state, history = checkpoint.load(ckpt_path, net, optimizer, noise, config)
-        check_resume(checkpoint.read_config(ckpt_path), config, state["step"])
         print(f"resuming from {ckpt_path}: epoch {state['epoch']}, step {state['step']}")
+        check_resume(checkpoint.read_config(ckpt_path), config, state["step"])
     elif init_from:
         checkpoint.load_weights(init_from, net)
         print(f"initialised weights from {init_from}")
