@@ -9,7 +9,7 @@
 
 Configuration: the plain values below; override any with --key=value (the type must
 match the default's; unknown keys are an error). Running again with the same out_dir
-resumes from its checkpoint, exactly where it stopped (Ctrl-C saves before exiting); the
+resumes from its checkpoint, exactly where it stopped (Ctrl-C or `kill` saves before exiting); the
 architecture must stay the same, and a change of any other option (a longer --epochs, a
 new --lr) is printed when the run resumes. The paper's code also clips the gradient
 norm; here that is off unless --clip_norm is set.
@@ -226,24 +226,31 @@ def locate_nonfinite(net, xb, noise, noise_state, beta):
     return f"it first appeared in the output of {name or 'the model'} ({kind})"
 
 
+# the signals that stop training with a checkpoint: Ctrl-C, and SIGTERM (`kill`, a job
+# scheduler's notice) when run as a script, which makes SIGTERM raise KeyboardInterrupt too
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Hold Ctrl-C (SIGINT) until the block is done: a training step is done whole
+    """Hold Ctrl-C (and SIGTERM) until the block is done: a training step is done whole
     (forward pass, batch-norm statistics, optimiser update, noise drawn) or not at all,
     so the checkpoint saved on Ctrl-C is exactly the state between two steps."""
-    previous = signal.getsignal(signal.SIGINT)
-    main_thread = threading.current_thread() is threading.main_thread()
-    if previous in (None, signal.SIG_IGN) or not main_thread:
-        yield  # nothing to hold: Ctrl-C is ignored, or signals do not reach this thread
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals do not reach this thread
         return
+    # only signals that Python handles (ignored or default-action ones are left alone)
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS if callable(signal.getsignal(s))}
     received = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    for s in previous:
+        signal.signal(s, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        signal.raise_signal(signal.SIGINT)  # delivered now (Python's handler: KeyboardInterrupt)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    for s in received:
+        signal.raise_signal(s)  # delivered now (the handler raises KeyboardInterrupt)
 
 
 def epoch_on_device(batches, device):
@@ -436,6 +443,7 @@ def finalize(net, ds, test_x, noise, history):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops like Ctrl-C
     try:
         sys.exit(main(sys.argv[1:]))
     except (ConfigError, checkpoint.CheckpointError, data.DataError, FloatingPointError) as e:

@@ -121,7 +121,7 @@ def assert_no_tmp_files(out_dir):
     assert not leftovers, leftovers
 
 
-def interrupt_on_call(func, at, when=None, after=False, how="signal"):
+def interrupt_on_call(func, at, when=None, after=False, how="signal", sig=signal.SIGINT):
     """``func`` wrapped to interrupt on call number ``at`` (1-based), counting only the
     calls for which ``when(*args)`` is true, before ``func`` runs or (``after``) once it
     has run. how='signal' sends a real SIGINT, as Ctrl-C does (the default handler raises
@@ -131,7 +131,7 @@ def interrupt_on_call(func, at, when=None, after=False, how="signal"):
 
     def interrupt():
         if how == "signal":
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(sig)
         else:
             raise KeyboardInterrupt
 
@@ -294,6 +294,44 @@ def test_ctrl_c_after_the_forward_pass_then_resume_is_identical(run, tmp_path, m
     assert (meta["epoch"], meta["step"]) == (1, 2)
     assert run(stopped, "--epochs=2", f"--model={model}") == 0
     assert_same_checkpoint(straight, stopped)
+
+
+def test_sigterm_then_resume_is_identical(run, tmp_path, monkeypatch):
+    """`kill` (SIGTERM), as a job scheduler sends it, stops like Ctrl-C when train.py runs
+    as a script: the step in progress is finished, saved, and resuming is exact."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(straight, "--epochs=2") == 0
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as __main__ does
+    try:
+        real = layers.Adam.step
+        monkeypatch.setattr(layers.Adam, "step",
+                            interrupt_on_call(real, STEPS_PER_EPOCH + 2, sig=signal.SIGTERM))
+        assert run(stopped, "--epochs=2") == 1
+        monkeypatch.setattr(layers.Adam, "step", real)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert read_ckpt(stopped)[1]["step"] == 2
+    assert run(stopped, "--epochs=2") == 0
+    assert_same_checkpoint(straight, stopped)
+
+
+def test_script_saves_on_sigterm(tmp_path):
+    """The real thing: train.py started as a script, sent SIGTERM during its first epoch."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), "--z_dims=4,2", "--hidden=16,8",
+               "--n_dense=1", "--epochs=1000", "--warmup=0", "--eval_interval=0",
+               "--final_lk_samples=0", "--log_interval=1", f"--out_dir={out}"]
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}) as proc:
+        for line in proc.stdout:  # wait until a few steps are done
+            if "step 3/" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, rest
+    assert "interrupted:" in rest and "run the same command again to resume" in rest
+    meta = read_ckpt(out)[1]
+    assert meta["epoch"] == 0 and meta["step"] >= 3
 
 
 def test_ctrl_c_in_iw_training_then_resume_is_identical(run, tmp_path, monkeypatch):
