@@ -164,16 +164,25 @@ def test_batch_norm_forward_body(compiled, dtype, slope):
     close(got["out"], out, dtype, "batch norm output")
 
 
+def batch_norm_problem(dtype, slope, training, seed):
+    """A batch of 32 x 6 inputs and output gradients, with layers.py's forward and backward
+    results: (x, g, gamma, (out, xhat, mean, var), (dx, dgamma, dbeta))."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((32, 6)) * 2 + 1).astype(dtype)
+    gamma, beta = rng.random(6).astype(dtype) + 0.5, rng.standard_normal(6).astype(dtype)
+    g = rng.standard_normal((32, 6)).astype(dtype)
+    forward = layers.batch_norm_forward(x, gamma, beta, 1e-4, slope=slope)
+    out, xhat, _, var = forward
+    return x, g, gamma, forward, layers.batch_norm_backward(g, out, xhat, gamma, var, 1e-4,
+                                                             training, slope)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("slope", [None, 0.01])
 @pytest.mark.parametrize("training", [True, False])
 def test_batch_norm_backward_body(compiled, dtype, slope, training):
-    rng = np.random.default_rng(1)
-    x = (rng.standard_normal((32, 6)) * 2 + 1).astype(dtype)
-    gamma, beta = rng.random(6).astype(dtype) + 0.5, rng.standard_normal(6).astype(dtype)
-    g = rng.standard_normal((32, 6)).astype(dtype)
-    out, xhat, mean, var = layers.batch_norm_forward(x, gamma, beta, 1e-4, slope=slope)
-    dx, dgamma, dbeta = layers.batch_norm_backward(g, out, xhat, gamma, var, 1e-4, training, slope)
+    _, g, gamma, (out, xhat, _, var), (dx, dgamma, dbeta) = batch_norm_problem(dtype, slope,
+                                                                               training, seed=1)
     got = run(compiled, "bn_bwd", dtype, g=g, out=out, xhat=xhat, gamma=gamma, var=var, eps=1e-4,
               dbeta=dbeta, dgamma=dgamma, n=len(g), slope=1.0 if slope is None else slope,
               training=training)
@@ -184,12 +193,8 @@ def test_batch_norm_backward_body(compiled, dtype, slope, training):
 @pytest.mark.parametrize("slope", [None, 0.01])
 def test_batch_norm_column_sums(compiled, dtype, slope):
     """The batch variance, dbeta and dgamma of the fused batch norm's reductions."""
-    rng = np.random.default_rng(4)
-    x = (rng.standard_normal((32, 6)) * 2 + 1).astype(dtype)
-    gamma, beta = rng.random(6).astype(dtype) + 0.5, rng.standard_normal(6).astype(dtype)
-    g = rng.standard_normal((32, 6)).astype(dtype)
-    out, xhat, mean, var = layers.batch_norm_forward(x, gamma, beta, 1e-4, slope=slope)
-    _, dgamma, dbeta = layers.batch_norm_backward(g, out, xhat, gamma, var, 1e-4, True, slope)
+    x, g, _, (out, xhat, mean, var), (_, dgamma, dbeta) = batch_norm_problem(dtype, slope,
+                                                                             True, seed=4)
     s = 1.0 if slope is None else slope
     close(reduce(compiled, "lvae_bn_var", dtype, x=x, mean=mean, n=len(x)), var, dtype,
           "batch variance")
