@@ -176,8 +176,10 @@ def check_finite(pending, where, ckpt_path, locate=None):
     """Stop with a message naming the term that is NaN or inf, if one is, and where it
     first appeared (``locate()``: a description from re-running the step, see
     locate_nonfinite), and saying what is kept."""
-    for terms, _ in pending:
-        log_px, _, kls = _as_floats(terms)
+    for index, (terms, n) in enumerate(pending):
+        log_px, elbo_value, kls = _as_floats(terms)
+        # keep the numbers read back (from a GPU, each is a copy): add_terms reads them again
+        pending[index] = ({"log_px": log_px, "elbo": elbo_value, "kl": kls}, n)
         named = [("the reconstruction term log p(x|z1)", log_px),
                  *((f"the KL term of layer z{i + 1}", k) for i, k in enumerate(kls))]
         bad = [name for name, v in named if not math.isfinite(v)]
