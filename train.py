@@ -3,7 +3,7 @@
     python train.py                                   # the paper's recipe (2000 epochs)
     python train.py --epochs=10 --warmup=5            # a short run (minutes on a CPU)
     python train.py --model=vae --out_dir=runs/vae    # the baseline
-    python train.py --iw_samples=10 --warmup=0 --lr=2e-4 --epochs=100 \
+    python train.py --iw_samples=10 --warmup=0 --lr=2e-4 --epochs=10 \
         --init_from=runs/lvae/ckpt.npz --out_dir=runs/lvae-iw   # IW fine-tuning, a new out_dir
     python train.py --device=cuda                     # on a GPU, through CuPy
 
