@@ -710,9 +710,14 @@ def test_nan_reconstruction_term_in_the_first_epoch(run, tmp_path, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns of the overflow
-def test_a_real_overflow_is_located_in_the_layer_where_it_appeared(run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif(not autograd.cuda_available(), reason="needs CuPy and a CUDA device")])])
+def test_a_real_overflow_is_located_in_the_layer_where_it_appeared(run, tmp_path, monkeypatch,
+                                                                  device):
     """One weight of the second bottom-up block's dense layer made huge: its output
-    overflows to inf at the first step, and the message names that layer."""
+    overflows to inf at the first step, and the message names that layer (on a GPU too,
+    with the check at every step: --log_interval=1)."""
     real = lvae.build_model
 
     def build(*args, **kwargs):
@@ -723,7 +728,7 @@ def test_a_real_overflow_is_located_in_the_layer_where_it_appeared(run, tmp_path
     with pytest.raises(FloatingPointError,
                        match=r"epoch 1, step 1: .*NaN or inf; it first appeared in the output of "
                              r"up_blocks\.1\.dense\.0 \(Dense\)\. Stopped: nothing was saved yet"):
-        run(tmp_path / "run", "--epochs=1")
+        run(tmp_path / "run", "--epochs=1", f"--device={device}", "--log_interval=1")
 
 
 def test_first_nonfinite_module_names_a_bad_parameter_first():
