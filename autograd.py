@@ -66,6 +66,24 @@ def check_device(device):
     return device
 
 
+def check_same_device(op, *inputs):
+    """A TypeError naming ``op`` when its inputs (arrays or Tensors) are on different
+    devices. CuPy does not mix with NumPy: without this check the error would come from
+    inside CuPy and speak of unsupported types. Scalars (numbers, 0-d arrays) are left
+    out, and without CuPy there is nothing to check: the check costs nothing on the CPU."""
+    if cupy is None:
+        return
+    on_gpu = set()
+    for x in inputs:
+        data = x.data if isinstance(x, Tensor) else x
+        if getattr(data, "ndim", 0) > 0:
+            on_gpu.add(isinstance(data, cupy.ndarray))
+    if len(on_gpu) > 1:
+        raise TypeError(f"{op}: the inputs are on different devices, some NumPy arrays "
+                        f"(CPU), some CuPy arrays (GPU); move them to one device first "
+                        f"(to_device(x, 'cuda'), or model.to('cpu'))")
+
+
 def to_device(x, device):
     """Move an array to 'cpu' (NumPy) or 'cuda' (CuPy); a no-op when already there."""
     check_device(device)
@@ -306,6 +324,7 @@ def _pair(op, a, b):
         raise TypeError(f"{op}: at least one operand must be a Tensor")
     a = as_tensor(a, like=b if isinstance(b, Tensor) else None)
     b = as_tensor(b, like=a)
+    check_same_device(op, a, b)
     return a, b
 
 

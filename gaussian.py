@@ -22,7 +22,8 @@ import numbers
 
 import numpy as np
 
-from autograd import Tensor, as_tensor, get_array_module, record, record_multi, sum_to
+from autograd import (Tensor, as_tensor, check_same_device, get_array_module, record,
+                      record_multi, sum_to)
 import kernels
 
 LOG_2PI = math.log(2 * math.pi)
@@ -119,7 +120,8 @@ def _tensors(op, **inputs):
     """The inputs of ``op`` as Tensors. Tensors pass through; a NumPy or CuPy array
     becomes a constant (no gradient flows to it), as ``tensor()`` makes it; a number
     becomes a constant of the dtype of the first Tensor or array (float64 if all the
-    inputs are numbers: that is what a Python float is). Anything else is a TypeError."""
+    inputs are numbers: that is what a Python float is). Anything else, or arrays on
+    different devices (NumPy and CuPy), is a TypeError."""
     like = None
     for name, x in inputs.items():
         if isinstance(x, Tensor) or isinstance(x, get_array_module(x).ndarray):
@@ -130,6 +132,7 @@ def _tensors(op, **inputs):
                             f"{type(x).__name__}")
     if like is None:  # numbers only
         like = Tensor(np.asarray(next(iter(inputs.values())), dtype=np.float64))
+    check_same_device(op, *inputs.values())
     like = as_tensor(like)
     return tuple(as_tensor(x, like=like) for x in inputs.values())
 

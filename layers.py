@@ -20,8 +20,8 @@ import math
 import numpy as np
 
 import kernels
-from autograd import (Tensor, get_array_module, leaky_relu, no_grad, record,
-                      softplus, to_device, to_numpy)
+from autograd import (Tensor, check_same_device, get_array_module, leaky_relu, no_grad,
+                      record, softplus, to_device, to_numpy)
 
 
 # ----------------------------------------------------------------------------------
@@ -175,6 +175,7 @@ def linear(x, weight, bias=None):
     Backward: dx = g W^T,  dW = x^T g,  db = sum of g over the rows.
     Leading axes of x (batch, importance samples) are folded into rows.
     """
+    check_same_device("linear", x, weight)
     if x.shape[-1] != weight.shape[0]:
         raise ValueError(f"linear: input has {x.shape[-1]} features (shape {x.shape}) but "
                          f"the weight expects {weight.shape[0]} (shape {weight.shape})")
@@ -305,6 +306,7 @@ def batch_norm(x, gamma, beta, eps, mean=None, var=None, slope=None):
     On a GPU, kernels.py runs each direction in three fused kernels.
     Returns (y, batch mean, batch variance).
     """
+    check_same_device("batch_norm", x, gamma)
     rows = x.data.reshape(-1, x.shape[-1])
     training = mean is None
     fused = kernels.active(rows)

@@ -177,17 +177,28 @@ class HierarchicalModel(Module):
         """Bernoulli logits of p(x | z_1)."""
         return self.output(self.decoder(z1))
 
-    def _check_batch(self, x):
+    def _check_batch(self, x, on_host=False):
         """x as a Tensor, once it is known to be a batch of images the model can score:
         a float array (or Tensor) of shape (B, x_dim), B >= 1, with values in [0, 1]
-        (the means of a Bernoulli likelihood). Unchecked, other input fails deep inside
-        NumPy, or silently gives a wrong ELBO, or a NaN that training-mode batch norm
-        writes into its running averages for good."""
+        (the means of a Bernoulli likelihood), of the model's dtype and on its device
+        (``on_host``: a NumPy array that the caller moves to the device itself).
+        Unchecked, other input fails deep inside NumPy or CuPy, or silently gives a wrong
+        ELBO (or a float64 one from a float32 model), or a NaN that training-mode batch
+        norm writes into its running averages for good."""
         name = type(self).__name__
         data = x.data if isinstance(x, Tensor) else x
         if not _is_array(data):
             raise TypeError(f"{name}: x must be a NumPy or CuPy array (or a Tensor), not "
                             f"{type(data).__name__}")
+        weight = self.output.weight.data  # says where the model is and its dtype
+        x_device = "cpu" if get_array_module(data) is np else "cuda"
+        model_device = "cpu" if get_array_module(weight) is np else "cuda"
+        if on_host and x_device != "cpu":
+            raise TypeError(f"{name}: x must be a NumPy array here (it is moved to the "
+                            f"model's device a batch at a time), got a CuPy array")
+        if not on_host and x_device != model_device:
+            raise TypeError(f"{name}: x is on {x_device} but the model is on "
+                            f"{model_device}: move x with to_device(x, '{model_device}')")
         if data.ndim != 2 or data.shape[1] != self.x_dim:
             raise ValueError(f"{name}: expected a batch of shape (B, {self.x_dim}), got "
                              f"{data.shape}")
@@ -198,6 +209,9 @@ class HierarchicalModel(Module):
             raise TypeError(f"{name}: x has dtype {data.dtype}, expected floating-point "
                             f"pixels in [0, 1] (for 0..255 grey levels use "
                             f"x.astype(np.float32) / 255)")
+        if data.dtype != weight.dtype:  # float64 pixels would make every result float64
+            raise TypeError(f"{name}: x has dtype {data.dtype} but the model's parameters "
+                            f"are {weight.dtype}: pass x.astype(np.{weight.dtype})")
         # The value check reads every pixel: cheap on the CPU (~0.1 ms of a ~30 ms step),
         # but on a GPU bringing the answer back to the host would make the CPU wait for
         # the GPU at every step, so CuPy batches are not checked.
@@ -377,7 +391,7 @@ def log_likelihood_bound(model, x, samples=5000, noise=None, batch_size=100,
     samples, batch_size = _check_int("samples", samples), _check_int("batch_size", batch_size)
     if max_rows is not None:
         max_rows = _check_int("max_rows", max_rows)
-    model._check_batch(x)  # type, shape, dtype and values once, here on the host even for a GPU model
+    model._check_batch(x, on_host=True)  # once, here on the host even for a GPU model
     noise = noise if noise is not None else Noise(0)
     xp = get_array_module(model.output.weight.data)
     if max_rows is None:

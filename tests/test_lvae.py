@@ -610,8 +610,24 @@ def test_forward_accepts_tensors_float32_and_grey_levels():
     got, _ = model(autograd.Tensor(x), lvae.Noise(0))
     np.testing.assert_array_equal(got.data, expected.data)
     grey = np.random.default_rng(0).random((3, X_DIM)).astype(np.float32)
-    log_px, _ = lvae.elbo(model, grey, lvae.Noise(0))
-    assert np.isfinite(float(log_px.data))
+    model32 = lvae.build_model("lvae", **TINY)  # float32, like data.py's images
+    objective, terms = lvae.elbo(model32, grey, lvae.Noise(0))
+    assert np.isfinite(float(objective.data))
+    assert objective.dtype == terms["elbo"].dtype == np.float32
+
+
+@pytest.mark.parametrize("model_dtype, x_dtype", [(np.float32, np.float64),
+                                                  (np.float64, np.float32)])
+def test_forward_rejects_input_of_another_dtype(model_dtype, x_dtype):
+    """A float64 batch into a float32 model used to make every result float64 (twice
+    the memory and time, silently); the other way round loses the float64 checks."""
+    model = tiny_model("lvae").astype(model_dtype)
+    x = binary_batch(2).astype(x_dtype)
+    with pytest.raises(TypeError, match=f"x has dtype {np.dtype(x_dtype)} but the "
+                                        f"model's parameters are {np.dtype(model_dtype)}"):
+        model(x, lvae.Noise(0))
+    with pytest.raises(TypeError, match="model's parameters"):
+        lvae.log_likelihood_bound(model, x, samples=2)
 
 
 @pytest.mark.parametrize("samples", [2.0, "4", True])

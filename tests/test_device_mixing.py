@@ -1,0 +1,97 @@
+"""Arrays on different devices (NumPy on the CPU, CuPy on the GPU) given to one op or
+to the model: a TypeError that says so, not CuPy's "Unsupported type" from inside.
+
+Without a GPU the second device is a stand-in: an ndarray subclass that
+``get_array_module`` takes for CuPy's array type (``autograd.cupy`` is patched), so the
+checks run on CPU-only CI. The gpu-marked test repeats the main cases with real CuPy.
+"""
+import types
+
+import numpy as np
+import pytest
+
+import autograd
+import gaussian
+import layers
+import lvae
+from autograd import Tensor
+from conftest import requires_cuda
+
+
+class StandInGpuArray(np.ndarray):
+    """What ``get_array_module`` reports as a CuPy array while ``fake_cupy`` is on."""
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """Make StandInGpuArray count as the GPU's array type; returns a converter."""
+    stand_in = types.ModuleType("cupy_stand_in")
+    stand_in.ndarray = StandInGpuArray
+    monkeypatch.setattr(autograd, "cupy", stand_in)
+    return lambda a: np.asarray(a).view(StandInGpuArray)
+
+
+MIXED = "on different devices"
+
+
+def test_check_same_device_ignores_numbers_and_accepts_one_device(fake_cupy):
+    autograd.check_same_device("op", np.ones(2), Tensor(np.ones(2)), 3.0)
+    autograd.check_same_device("op", fake_cupy(np.ones(2)), Tensor(fake_cupy(np.ones(2))), 1)
+    with pytest.raises(TypeError, match=f"op: the inputs are {MIXED}"):
+        autograd.check_same_device("op", np.ones(2), fake_cupy(np.ones(2)))
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div", "matmul"])
+def test_binary_ops_name_mixed_devices(fake_cupy, op):
+    cpu = Tensor(np.ones((2, 2)), requires_grad=True)
+    gpu = Tensor(fake_cupy(np.ones((2, 2))))
+    for a, b in ((cpu, gpu), (gpu, cpu)):
+        with pytest.raises(TypeError, match=f"{op}: the inputs are {MIXED}"):
+            getattr(autograd, op)(a, b)
+
+
+def test_gaussian_ops_name_mixed_devices(fake_cupy):
+    cpu = Tensor(np.ones(3), requires_grad=True)
+    gpu = fake_cupy(np.ones(3))  # a plain array is a constant input: checked as well
+    with pytest.raises(TypeError, match=f"merge: the inputs are {MIXED}"):
+        gaussian.merge(cpu, cpu, gpu, cpu)
+    with pytest.raises(TypeError, match=f"gaussian_kl: the inputs are {MIXED}"):
+        gaussian.gaussian_kl(cpu, cpu, gpu, 1.0)
+    with pytest.raises(TypeError, match=f"log_normal: the inputs are {MIXED}"):
+        gaussian.log_normal(gpu, cpu, cpu)
+
+
+def test_dense_and_batch_norm_name_mixed_devices(fake_cupy):
+    dense = layers.Dense(3, 2, rng=np.random.default_rng(0))
+    with pytest.raises(TypeError, match=f"linear: the inputs are {MIXED}"):
+        dense(Tensor(fake_cupy(np.ones((4, 3), np.float32))))
+    norm = layers.BatchNorm(3)
+    with pytest.raises(TypeError, match=f"batch_norm: the inputs are {MIXED}"):
+        norm(Tensor(fake_cupy(np.ones((4, 3), np.float32))))
+
+
+def test_model_names_a_batch_on_another_device(fake_cupy):
+    model = lvae.build_model("lvae", x_dim=6, z_dims=(3, 2), hidden=(5, 4), n_dense=1)
+    x = fake_cupy(np.full((2, 6), 0.5, np.float32))
+    with pytest.raises(TypeError, match="x is on cuda but the model is on cpu: move x "
+                                        r"with to_device\(x, 'cpu'\)"):
+        model(x, lvae.Noise(0))
+    with pytest.raises(TypeError, match="must be a NumPy array here"):
+        lvae.log_likelihood_bound(model, x, samples=2)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_mixed_devices_on_a_real_gpu():
+    cupy = autograd.cupy
+    with pytest.raises(TypeError, match=f"add: the inputs are {MIXED}"):
+        Tensor(np.ones(3)) + Tensor(cupy.ones(3))
+    with pytest.raises(TypeError, match=f"merge: the inputs are {MIXED}"):
+        gaussian.merge(Tensor(cupy.ones(3)), cupy.ones(3), np.ones(3), 1.0)
+    model = lvae.build_model("lvae", x_dim=6, z_dims=(3, 2), hidden=(5, 4), n_dense=1)
+    x = np.full((2, 6), 0.5, np.float32)
+    model.to("cuda")
+    with pytest.raises(TypeError, match="x is on cpu but the model is on cuda"):
+        model(x, lvae.Noise(0))
+    # log_likelihood_bound takes host arrays for a GPU model, as documented
+    assert np.isfinite(lvae.log_likelihood_bound(model, x, samples=2)).all()
