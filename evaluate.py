@@ -22,9 +22,13 @@ from layers import recompute_batchnorm_statistics
 def load_model(path, device="cpu"):
     """Rebuild the model a checkpoint was trained with and load its weights."""
     config = checkpoint.read_config(path)
-    net = lvae.build_model(config["model"], x_dim=784, z_dims=config["z_dims"],
-                           hidden=config["hidden"], n_dense=config["n_dense"],
-                           batch_norm=config["batch_norm"], seed=config["seed"])
+    try:
+        net = lvae.build_model(config["model"], x_dim=784, z_dims=config["z_dims"],
+                               hidden=config["hidden"], n_dense=config["n_dense"],
+                               batch_norm=config["batch_norm"], seed=config["seed"])
+    except (TypeError, ValueError) as e:  # e.g. z_dims "64,32" or model "lvea" in the file
+        raise checkpoint.CheckpointError(f"checkpoint {path} is corrupt: its config does "
+                                         f"not describe a model ({e})") from None
     checkpoint.load_weights(path, net)
     return net.to(device), config
 

@@ -14,7 +14,8 @@ sys.path.insert(0, str(ROOT))
 
 import autograd  # noqa: E402
 import evaluate  # noqa: E402
-from test_checkpoint import CONFIG, write_checkpoint  # noqa: E402
+import checkpoint  # noqa: E402
+from test_checkpoint import CONFIG, rewrite, write_checkpoint  # noqa: E402
 
 
 def run_script(*args):
@@ -52,6 +53,21 @@ def test_bad_checkpoint_is_an_error_line_without_traceback(tmp_path):
     text.write_text("not a checkpoint\n")
     assert_clean_error(run_script(text), "not a checkpoint written by this code")
     assert_clean_error(run_script(tmp_path / "missing.npz"), "does not exist")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("z_dims", "4,2", "z_dims must be a tuple of ints"),
+    ("n_dense", 1.5, "n_dense must be an int"),
+    ("model", "lvea", "unknown model 'lvea'"),
+])
+def test_config_of_the_wrong_type_is_a_checkpoint_error(tmp_path, key, value, message):
+    """The config inside a checkpoint rebuilds the model: a value of the wrong type there
+    is a corrupt checkpoint, named as such (it used to be a TypeError traceback)."""
+    ckpt = write_checkpoint(tmp_path / "ckpt.npz")
+    rewrite(ckpt, lambda arrays, meta: meta["config"].__setitem__(key, value))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"its config does not describe a model .*{message}"):
+        evaluate.load_model(ckpt)
 
 
 def test_missing_data_is_an_error_line_without_traceback(tmp_path):
