@@ -568,10 +568,18 @@ class Adam:
     def step(self):
         """One Adam update of every parameter that has a gradient."""
         self.t += 1
+        self.update(*self.step_scalars())
+
+    def step_scalars(self):
+        """(step_size, eps_hat) of step t, with the bias corrections bc = 1 - beta^t folded in:
+        lr (m / bc1) / (sqrt(v / bc2) + eps) = step_size m / (sqrt(v) + eps_hat)."""
+        bc1, bc2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
+        return self.lr * math.sqrt(bc2) / bc1, self.eps * math.sqrt(bc2)
+
+    def update(self, step_size, eps_hat):
+        """The update itself, with the scalars of ``step_scalars`` (numbers, or 0-d arrays
+        on the parameters' device: a CUDA graph replays with whatever they hold)."""
         b1, b2 = self.beta1, self.beta2
-        # lr (m / bc1) / (sqrt(v / bc2) + eps) = step_size * m / (sqrt(v) + eps_hat)
-        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        step_size, eps_hat = self.lr * math.sqrt(bc2) / bc1, self.eps * math.sqrt(bc2)
         if kernels.active(self.params[0].data):
             grads = [p.grad for p in self.params if p.grad is not None]
             scale = 1.0 if self.clip_norm is None else self._device_clip_scale(grads)
