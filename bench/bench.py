@@ -312,6 +312,27 @@ def ours_stepper(kind, device, batches, fused=True):
     return stepper
 
 
+def graph_stepper(kind, batches):
+    """The experiment of bench/cuda_graph.py: train.py's step with fused kernels, recorded
+    once as a CUDA graph and replayed (its phases cannot be timed apart: all in 'fwd')."""
+    from cuda_graph import GraphStep
+    net = lvae.build_model(kind, seed=0).to("cuda")
+    graph_step = GraphStep(net, Adam(net.parameters(), lr=LR), BATCH, seed=1)
+    xs = [autograd.to_device(b, "cuda") for b in batches]
+    cuda_sync_cupy()  # the graph's stream does not wait for the default stream's copies
+
+    def step(i, split=True):
+        kernels.set_fusion(True)  # what the recording holds; the eager warm-up steps use it
+        t0 = pc()
+        graph_step.step(xs[i % len(xs)], 1.0)
+        if split:
+            cuda_sync_cupy()
+        return pc() - t0, 0.0, 0.0
+    stepper = Stepper(step, cuda_sync_cupy)
+    stepper.graph_step = graph_step
+    return stepper
+
+
 def torch_stepper(kind, device, batches):
     """The same step in eager PyTorch (runs inside the worker process)."""
     import torch
@@ -1175,6 +1196,13 @@ def gpu_steps(res):
     rounds, per_round = (2, 5) if ARGS.quick else (4, 10)
     steppers = {"cupy unfused": ours_stepper("lvae", "cuda", batches, fused=False),
                 "cupy fused": ours_stepper("lvae", "cuda", batches, fused=True)}
+    try:  # an experiment never run on a GPU before: a failure is reported, B2 goes on
+        graph = graph_stepper("lvae", batches)
+        graph.run(4)  # warm-up, recording, and replays
+        steppers["cupy fused, CUDA graph"] = graph
+    except Exception as e:
+        rep(f"  CUDA-graph step (bench/cuda_graph.py) FAILED, left out: {type(e).__name__}: {e}")
+        kernels.set_fusion(True)
     torch_dev = None
     w = torch_worker()
     if w is not None:
@@ -1202,11 +1230,16 @@ def gpu_steps(res):
         + (f" {'vs torch':>9s}" if ref else ""))
     for name in steppers:
         s = split[name]
-        line = (f"  {name:22s} {ms(thr[name]):>10s} {ms(s['fwd']):>10s} {ms(s['bwd']):>10s} "
-                f"{ms(s['opt']):>10s} {numpy_step / thr[name]:8.1f}x")
+        phases = ([ms(s["fwd"]), ms(s["bwd"]), ms(s["opt"])] if "graph" not in name
+                  else [ms(s["fwd"]) + "*", "-", "-"])
+        line = (f"  {name:22s} {ms(thr[name]):>10s} {phases[0]:>10s} {phases[1]:>10s} "
+                f"{phases[2]:>10s} {numpy_step / thr[name]:8.1f}x")
         if ref:
             line += f" {thr[name] / thr[ref]:8.2f}x"
         rep(line)
+    if "cupy fused, CUDA graph" in steppers:
+        rep("  * the recorded step runs as one launch: its phases cannot be timed apart "
+            "(whole step, synchronised)")
     res["gpu_steps"] = thr
     res["gpu_torch_dev"] = torch_dev
     if w is None:
@@ -1257,6 +1290,9 @@ def gpu_summary(res):
     if thr and res.get("gpu_torch_dev") == "cuda":
         ratio = thr["cupy fused"] / thr["torch eager cuda"]
         rep(f"    CuPy training step <= PyTorch eager CUDA step: {ratio:.2f}x  {verdict(ratio <= 1)}")
+        if "cupy fused, CUDA graph" in thr:
+            rep(f"      (the CUDA-graph experiment, not train.py's step: "
+                f"{thr['cupy fused, CUDA graph'] / thr['torch eager cuda']:.2f}x)")
     elif thr:
         rep("    CuPy training step <= PyTorch eager CUDA step: skipped (no PyTorch with CUDA)")
     if "gpu_eval_min" in res:

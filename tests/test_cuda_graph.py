@@ -1,0 +1,110 @@
+"""bench/cuda_graph.py, the experimental training step recorded as a CUDA graph.
+
+On the CPU its step body (fixed buffers, beta and Adam's scalars as 0-d arrays) is checked
+against the step train.py takes; on a GPU, replays of the recorded graph are checked
+against the same step run eagerly.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import lvae  # noqa: E402
+from conftest import requires_cuda  # noqa: E402
+from cuda_graph import WARMUP_STEPS, BufferNoise, GraphStep  # noqa: E402
+from layers import Adam  # noqa: E402
+
+SIZES = dict(x_dim=12, z_dims=(4, 3, 2), hidden=(10, 8, 6), n_dense=2)
+BATCH = 16
+
+
+def model_and_adam(kind, device="cpu"):
+    net = lvae.build_model(kind, seed=5, **SIZES).to(device).astype(np.float64)
+    return net, Adam(net.parameters(), lr=3e-3)
+
+
+def batches(n, xp=np):
+    rng = np.random.default_rng(9)
+    return [xp.asarray((rng.random((BATCH, SIZES["x_dim"])) < 0.4).astype(np.float64))
+            for _ in range(n)]
+
+
+def state(net, optimizer):
+    """Every number a step changes: weights, batch-norm averages, Adam's moments and t."""
+    out = {f"net.{k}": v for k, v in net.state_dict().items()}
+    out.update({f"adam.{k}": v for k, v in optimizer.state_dict().items()})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lvae", "vae"])
+def test_step_body_equals_the_training_step(kind):
+    """Three steps (warm-up beta 0.3, then 1) of GraphStep against train.py's own step
+    (lvae.elbo, backward, Adam.step) from the same weights with the same noise."""
+    xs, betas = batches(3), [0.3, 1.0, 1.0]
+    net, adam = model_and_adam(kind)
+    graph_step = GraphStep(net, adam, BATCH, seed=2)
+    for x, beta in zip(xs, betas):
+        graph_step.step(x, beta)
+
+    ref_net, ref_adam = model_and_adam(kind)
+    noise = BufferNoise(BATCH * sum(SIZES["z_dims"]), ref_net.output.weight.data, seed=2)
+    sums = np.zeros(2 + len(SIZES["z_dims"]))
+    for x, beta in zip(xs, betas):
+        noise.refill()
+        noise.rewind()
+        objective, terms = lvae.elbo(ref_net, x, noise, beta)
+        ref_adam.zero_grad()
+        (-objective).backward()
+        ref_adam.step()
+        sums += [terms["elbo"], terms["log_px"], *terms["kl"]]
+
+    got, expected = state(net, adam), state(ref_net, ref_adam)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-12, atol=1e-14,
+                                   err_msg=name)
+    np.testing.assert_allclose(graph_step.sums, sums, rtol=1e-12)
+    assert not np.allclose(expected["net.output.weight"],
+                           model_and_adam(kind)[0].state_dict()["output.weight"])
+
+
+def test_buffer_noise_and_batch_shape_errors():
+    noise = BufferNoise(10, np.zeros(1), seed=0)
+    noise.refill()
+    first = noise.normal((2, 3)).copy()
+    assert noise.normal((4,)).shape == (4,)
+    with pytest.raises(ValueError, match="more than the 10 numbers"):
+        noise.normal((1,))
+    noise.rewind()
+    np.testing.assert_array_equal(noise.normal((2, 3)), first)  # same values until refill
+    net, adam = model_and_adam("lvae")
+    with pytest.raises(ValueError, match=r"batches must have shape \(16, 12\)"):
+        GraphStep(net, adam, BATCH).step(batches(1)[0][:5])
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("kind", ["lvae", "vae"])
+def test_graph_replays_equal_eager_steps_on_gpu(kind):
+    """Steps after the warm-up are graph replays: they must leave the same state as the
+    same steps run eagerly (float64; the kernels and their order are the same)."""
+    import cupy
+    xs = batches(WARMUP_STEPS + 4, cupy)
+    results = []
+    for record in (True, False):
+        net, adam = model_and_adam(kind, "cuda")
+        graph_step = GraphStep(net, adam, BATCH, seed=2, record=record)
+        for i, x in enumerate(xs):
+            graph_step.step(x, 0.5 if i < 3 else 1.0)
+        graph_step.synchronize()
+        assert (graph_step.graph is not None) == record
+        results.append((state(net, adam), cupy.asnumpy(graph_step.sums)))
+    (replayed, replayed_sums), (eager, eager_sums) = results
+    for name in eager:
+        np.testing.assert_allclose(replayed[name], eager[name], rtol=1e-9, atol=1e-12,
+                                   err_msg=name)
+    np.testing.assert_allclose(replayed_sums, eager_sums, rtol=1e-9)
