@@ -31,6 +31,7 @@ for path in (ROOT, EXERCISES):
 
 import checks  # noqa: E402
 import grade  # noqa: E402  (imports no Jupyter package until a notebook is run)
+import gaussian  # noqa: E402
 from autograd import Tensor, record, sigmoid_array, sum_to  # noqa: E402
 
 # notebook -> (how its check cell calls checks.py on the student's names, parts printed)
@@ -42,6 +43,7 @@ EXERCISE_CHECKS = {
     "05_iw_bound": (lambda ns: checks.check_logsumexp_and_iw_bound(
         ns["logsumexp_array"], ns["logsumexp"], ns["iw_bound"]), 3),
     "06_reparameterize": (lambda ns: checks.check_reparameterize(ns["reparameterize"]), 2),
+    "07_top_down": (lambda ns: checks.check_top_down(ns["top_down"]), 2),
 }
 NAMES = sorted(EXERCISE_CHECKS)
 HEADLINE = re.compile(r"^(PASS|NOT DONE YET|WRONG GRADIENT|WRONG): ")
@@ -318,6 +320,44 @@ def test_wrong_reparameterize(capsys):
     out = capsys.readouterr().out
     assert "returned a gradient of shape (4, 2, 3) for an input of shape (2, 3)" in out, out
     assert "sum_to" in out
+
+
+def top_down_with(top_merge=False, kl_standard=False, detach=False, prior_of_mean=False,
+                  extra_sample=False):
+    """The solution of exercise 7 with one of the usual mistakes."""
+    def top_down(model, up, sample):
+        n = model.n_layers
+        z, mu_q, var_q, kl = [None] * n, [None] * n, [None] * n, [None] * n
+        mu_q[-1], var_q[-1] = gaussian.merge(*up[-1], 0.0, 1.0) if top_merge else up[-1]
+        z[-1] = sample(mu_q[-1], var_q[-1])
+        kl[-1] = gaussian.gaussian_kl(mu_q[-1], var_q[-1], 0.0, 1.0)
+        for i in range(n - 2, -1, -1):
+            mu_p, var_p = model.prior(i, mu_q[i + 1] if prior_of_mean else z[i + 1])
+            mu_hat = Tensor(up[i][0].data) if detach else up[i][0]
+            mu_q[i], var_q[i] = gaussian.merge(mu_hat, up[i][1], mu_p, var_p)
+            z[i] = sample(mu_q[i], var_q[i])
+            if extra_sample:
+                sample(mu_q[i], var_q[i])
+            kl[i] = (gaussian.gaussian_kl(mu_q[i], var_q[i], 0.0, 1.0) if kl_standard else
+                     gaussian.gaussian_kl(mu_q[i], var_q[i], mu_p, var_p))
+        return z, mu_q, var_q, kl
+    return top_down
+
+
+@pytest.mark.parametrize("mistake, messages", [
+    ("top_merge", ["WRONG: top-down pass: layer z3: mu_q", "no merge"]),
+    ("kl_standard", ["WRONG: top-down pass: layer z2: kl", "not against N(0, I)"]),
+    ("prior_of_mean", ["WRONG: top-down pass: layer z2: mu_q has shape (5, 3), expected "
+                       "(1, 5, 3)", "conditioned on the *sample*"]),
+    ("extra_sample", ["sample() was called 5 times; call it once per layer (3 layers)"]),
+    ("detach", ["PASS: top-down pass:", "WRONG GRADIENT: top-down pass, gradients: weight "
+                "up_blocks.0.dense.0.weight", "detached copy"]),
+])
+def test_wrong_top_down(capsys, mistake, messages):
+    assert checks.check_top_down(top_down_with(**{mistake: True})) is False
+    out = capsys.readouterr().out
+    for message in messages:
+        assert message in out, out
 
 
 # ----------------------------------------------------------------------------------

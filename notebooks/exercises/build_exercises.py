@@ -1,6 +1,6 @@
 """Write the exercise notebooks from the cell texts below.
 
-    python notebooks/exercises/build_exercises.py         # write the six .ipynb, without outputs
+    python notebooks/exercises/build_exercises.py         # write the seven .ipynb, without outputs
 
 The notebooks are generated so that their source stays reviewable here (as with
 notebooks/build_notebooks.py): edit this file, not the .ipynb, and run it again. They
@@ -535,6 +535,102 @@ if done:
         z = reparameterize(mu, var, rng.standard_normal((k, 1)))
         autograd.mean(autograd.square(z)).backward()
         print(f"K = {k:6d}: d/dmu = {mu.grad[0]:.3f} (exact 1.0), d/dvar = {var.grad[0]:.3f} (exact 1.0)")
+else:
+    print("Finish the exercise first.")
+'''),
+])
+
+
+# ----------------------------------------------------------------------------------
+notebook("07_top_down", [
+md(r"""
+# Exercise 7: the LVAE's top-down pass
+
+**Learning goals**: write the heart of the Ladder VAE, its inference pass; see how it
+reuses the *generative* model to infer the latent variables; see why every layer's KL
+term is analytic; keep track of shapes with $K$ samples per image.
+
+**The two passes.** A deterministic *bottom-up* pass turns the image into one Gaussian
+per stochastic layer (given below as `up`): $d_1 = \mathrm{MLP}(x)$,
+$d_i = \mathrm{MLP}(d_{i-1})$, $(\hat\mu_i, \hat\sigma^2_i) = \mathrm{head}(d_i)$. These
+are what the data alone say about $z_i$. The *top-down* pass, yours to write, then walks
+down the generative model $p(z_L)\,p(z_{L-1} \mid z_L) \cdots$ and corrects each of them
+with the prior:
+$$q(z_L \mid x) = \mathcal N(\hat\mu_L, \hat\sigma^2_L), \qquad z_L \sim q(z_L \mid x),$$
+and for $i = L-1, \dots, 1$:
+$$(\mu_{p,i}, \sigma^2_{p,i}) = \text{prior of } z_i \text{ given the sample } z_{i+1}, \qquad
+q(z_i \mid \cdot) = \mathrm{merge}\big(\mathcal N(\hat\mu_i, \hat\sigma^2_i),\; \mathcal N(\mu_{p,i}, \sigma^2_{p,i})\big), \qquad
+z_i \sim q(z_i \mid \cdot).$$
+The merge is the precision-weighted product of exercise 2: the posterior leans towards
+whichever Gaussian is more certain. The top layer has no prior to merge with but
+$\mathcal N(0, I)$, and the paper takes its bottom-up Gaussian as it is.
+
+**The KL terms.** Because $z_{i+1}$ is drawn *before* $z_i$, given that sample both
+$q(z_i \mid \cdot)$ and $p(z_i \mid z_{i+1})$ are diagonal Gaussians, and
+$\mathrm{KL}_i = \mathrm{KL}\big(q(z_i \mid \cdot)\,\|\,p(z_i \mid z_{i+1})\big)$ is the
+closed form of exercise 3, per unit; the top layer's is against $\mathcal N(0, I)$.
+(The bottom-up VAE draws $z_{i+1}$ *after* $z_i$ and has to estimate these terms from one
+sample.)
+
+**In code.** Lists are indexed bottom first: index 0 is $z_1$, index $L-1$ is $z_L$.
+You have:
+* `up[i]`: the pair `(mu_hat, var_hat)` of layer index `i`, Tensors of shape $(B, d_i)$;
+* `model.prior(i, z_above)`: `(mu_p, var_p)` of layer index `i` given the sample of
+  layer index `i + 1`;
+* `merge(mu_hat, var_hat, mu_p, var_p)` and `gaussian_kl(mu_q, var_q, mu_p, var_p)` from
+  `gaussian.py` (exercises 2 and 3; numbers such as `0.0, 1.0` work for N(0, I));
+* `sample(mu, var)`: a reparameterised sample (exercise 6) of shape $(K, B, d)$. Call
+  it once per layer, from the top down, as soon as that layer's posterior is known: the
+  check hands out the same noise as the project's code, in that order.
+
+With $K$ samples the prior of a $(K, B, d_{i+1})$ sample has shape $(K, B, d_i)$, and
+the merge broadcasts $\hat\mu_i$ of shape $(B, d_i)$ against it: nothing to do by hand.
+"""),
+md(HOW),
+code(SETUP),
+md("## Your code"),
+code('''
+from gaussian import gaussian_kl, merge
+
+
+def top_down(model, up, sample):
+    """The LVAE's stochastic top-down pass.
+
+    model: a lvae.LadderVAE (model.n_layers; model.prior(i, z_above));
+    up: the bottom-up Gaussians [(mu_hat, var_hat) of each layer], bottom first;
+    sample(mu, var): a reparameterised sample z ~ N(mu, var).
+    Returns four lists indexed like `up`: z, mu_q, var_q, and kl (the KL per unit of
+    each layer, a Tensor).
+    """
+    n = model.n_layers
+    z, mu_q, var_q, kl = [None] * n, [None] * n, [None] * n, [None] * n
+    # YOUR CODE HERE: the top layer first, then i = n - 2, ..., 0
+    raise NotImplementedError("fill in the top-down pass")
+    return z, mu_q, var_q, kl
+''', tag="exercise"),
+md("## Check"),
+code("done = checks.check_top_down(top_down)", tag="check"),
+md("""
+## Once it passes
+
+The merge at work in a small untrained LVAE: for a few units of $z_1$ of one image, the
+bottom-up Gaussian, the prior given the sample of $z_2$, and the posterior between them
+(nearer the mean with the smaller variance); then the KL of each layer.
+"""),
+code('''
+if done:
+    model = checks.tiny_lvae(seed=1)
+    x = (np.random.default_rng(0).uniform(size=(4, 12)) < 0.4).astype(np.float64)
+    up = checks.bottom_up(model, x)
+    with no_grad():
+        z, mu_q, var_q, kl = top_down(model, up, checks.sampler(1))
+        mu_p, var_p = model.prior(0, z[1])
+    for u in range(3):
+        print(f"z1 unit {u}: bottom-up N({float(up[0][0].data[0, u]):+.2f}, {float(up[0][1].data[0, u]):.2f})"
+              f"  x  prior N({float(mu_p.data[0, 0, u]):+.2f}, {float(var_p.data[0, 0, u]):.2f})"
+              f"  ->  posterior N({float(mu_q[0].data[0, 0, u]):+.2f}, {float(var_q[0].data[0, 0, u]):.2f})")
+    print("KL per layer, z1 first (nats, mean over 4 images):",
+          [round(float(k.data.sum(axis=-1).mean()), 3) for k in kl])
 else:
     print("Finish the exercise first.")
 '''),
