@@ -319,7 +319,7 @@ def graph_stepper(kind, batches):
     net = lvae.build_model(kind, seed=0).to("cuda")
     graph_step = GraphStep(net, Adam(net.parameters(), lr=LR), BATCH, seed=1)
     xs = [autograd.to_device(b, "cuda") for b in batches]
-    cuda_sync_cupy()  # the graph's stream does not wait for the default stream's copies
+    cuda_sync_cupy()  # the batches are on the device before any timing starts
 
     def step(i, split=True):
         kernels.set_fusion(True)  # what the recording holds; the eager warm-up steps use it

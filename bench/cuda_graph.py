@@ -23,6 +23,7 @@ on the CPU that it equals train.py's step, and on a GPU that replays equal eager
 Status: written on a machine without a GPU (2026-11-25); bench.py's B2 times it beside
 the eager step and PyTorch when run with --device cuda. Not used by train.py.
 """
+import gc
 import math
 
 import numpy as np
@@ -41,11 +42,18 @@ class BufferNoise:
     def __init__(self, size, like, seed=0):
         xp = get_array_module(like)
         self.flat = xp.empty(size, like.dtype)
-        self.rng = np.random.default_rng(seed) if xp is np else xp.random.RandomState(seed)
+        self.rng = np.random.default_rng(seed)
+        self.gpu_rng = None if xp is np else xp.random.RandomState()
         self.offset = 0
 
     def refill(self):
-        self.flat[...] = self.rng.standard_normal(self.flat.shape, dtype=self.flat.dtype)
+        """The next step's draws; on a GPU from CuPy's generator reseeded from the host
+        one, as lvae.Noise does at every step (so both steps do the same work)."""
+        if self.gpu_rng is None:
+            self.flat[...] = self.rng.standard_normal(self.flat.shape, dtype=self.flat.dtype)
+            return
+        self.gpu_rng.seed(int(self.rng.integers(2 ** 62)))
+        self.flat[...] = self.gpu_rng.standard_normal(self.flat.shape, dtype=self.flat.dtype)
 
     def rewind(self):
         self.offset = 0
@@ -75,6 +83,9 @@ class GraphStep:
     def __init__(self, net, optimizer, batch_size, seed=0, record=True):
         like = net.output.weight.data
         self.xp = xp = get_array_module(like)
+        if any(getattr(m, "momentum", 0.1) is None for m in net.modules()):
+            # the exact average's weight 1/batches_seen changes at every step
+            raise ValueError("GraphStep: batch norms with momentum=None cannot be recorded")
         self.net, self.optimizer = net, optimizer
         self.x = xp.zeros((batch_size, net.x_dim), like.dtype)
         self.noise = BufferNoise(batch_size * sum(net.z_dims), like, seed)
@@ -96,7 +107,10 @@ class GraphStep:
         objective, terms = lvae.elbo(self.net, self.x, self.noise, beta)
         (-objective).backward()
         self.optimizer.update(self.scalars[1], self.scalars[2])
-        self.sums += self.xp.stack([terms["elbo"], terms["log_px"], *terms["kl"]])
+        # one small add per term: xp.stack of more than 8 arrays would copy a table of
+        # pointers from host memory, which a recording must not contain
+        for i, term in enumerate([terms["elbo"], terms["log_px"], *terms["kl"]]):
+            self.sums[i:i + 1] += term
 
     def prepare(self, batch, beta):
         """Host side, before each step: the batch, fresh noise, beta, Adam's scalars."""
@@ -118,11 +132,15 @@ class GraphStep:
             self.prepare(batch, beta)  # on the graph's stream: ordered before the launch
             with cupy.cuda.using_allocator(self.pool.malloc):
                 if self.graph is None and self.steps_done >= WARMUP_STEPS:
+                    gc.collect()  # no deferred frees of old arrays inside the recording
                     self.stream.begin_capture()
                     try:
                         self.body()  # recorded, not run
                     except BaseException:
-                        self.stream.end_capture()  # leave the stream usable, then re-raise
+                        try:  # leave the stream usable; the body's error is the one to see
+                            self.stream.end_capture()
+                        except Exception:
+                            pass
                         raise
                     self.graph = self.stream.end_capture()
                 if self.graph is None:

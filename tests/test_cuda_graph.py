@@ -84,6 +84,9 @@ def test_buffer_noise_and_batch_shape_errors():
     net, adam = model_and_adam("lvae")
     with pytest.raises(ValueError, match=r"batches must have shape \(16, 12\)"):
         GraphStep(net, adam, BATCH).step(batches(1)[0][:5])
+    next(m for m in net.modules() if hasattr(m, "momentum")).momentum = None
+    with pytest.raises(ValueError, match="momentum=None cannot be recorded"):
+        GraphStep(net, adam, BATCH)
 
 
 @pytest.mark.gpu
