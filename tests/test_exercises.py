@@ -323,23 +323,30 @@ def test_wrong_reparameterize(capsys):
 
 
 def top_down_with(top_merge=False, kl_standard=False, detach=False, prior_of_mean=False,
-                  extra_sample=False):
-    """The solution of exercise 7 with one of the usual mistakes."""
+                  extra_sample=False, skip_bottom=False, kl_summed=False, top_first=False,
+                  up_shifted=False, top_kl_broadcast=False):
+    """The solution of exercise 7 with one of the usual mistakes (top_kl_broadcast is
+    not one: the ELBO treats a (K, B, d) top-layer KL the same as a (B, d) one)."""
     def top_down(model, up, sample):
         n = model.n_layers
         z, mu_q, var_q, kl = [None] * n, [None] * n, [None] * n, [None] * n
         mu_q[-1], var_q[-1] = gaussian.merge(*up[-1], 0.0, 1.0) if top_merge else up[-1]
         z[-1] = sample(mu_q[-1], var_q[-1])
-        kl[-1] = gaussian.gaussian_kl(mu_q[-1], var_q[-1], 0.0, 1.0)
-        for i in range(n - 2, -1, -1):
+        kl[-1] = gaussian.gaussian_kl(z[-1] * 0 + mu_q[-1] if top_kl_broadcast else mu_q[-1],
+                                      var_q[-1], 0.0, 1.0)
+        for i in range(n - 2, 0 if skip_bottom else -1, -1):
             mu_p, var_p = model.prior(i, mu_q[i + 1] if prior_of_mean else z[i + 1])
-            mu_hat = Tensor(up[i][0].data) if detach else up[i][0]
+            mu_hat = Tensor(up[i][0].data) if detach else up[i + 1 if up_shifted else i][0]
             mu_q[i], var_q[i] = gaussian.merge(mu_hat, up[i][1], mu_p, var_p)
             z[i] = sample(mu_q[i], var_q[i])
             if extra_sample:
                 sample(mu_q[i], var_q[i])
             kl[i] = (gaussian.gaussian_kl(mu_q[i], var_q[i], 0.0, 1.0) if kl_standard else
                      gaussian.gaussian_kl(mu_q[i], var_q[i], mu_p, var_p))
+            if kl_summed:
+                kl[i] = kl[i].sum(axis=-1)
+        if top_first:
+            return z[::-1], mu_q[::-1], var_q[::-1], kl[::-1]
         return z, mu_q, var_q, kl
     return top_down
 
@@ -352,12 +359,25 @@ def top_down_with(top_merge=False, kl_standard=False, detach=False, prior_of_mea
     ("extra_sample", ["sample() was called 5 times; call it once per layer (3 layers)"]),
     ("detach", ["PASS: top-down pass:", "WRONG GRADIENT: top-down pass, gradients: weight "
                 "up_blocks.0.dense.0.weight", "detached copy"]),
+    ("skip_bottom", ["WRONG: top-down pass: top_down's z has no value for layer index 0 (z1)",
+                     "does it reach i = 0?"]),
+    ("kl_summed", ["layer z2: kl has shape (1, 5), expected (1, 5, 3) (the KL per unit: "
+                   "do not sum over the units)"]),
+    ("top_first", ["your z has [2, 3, 4] units per entry", "the lists look top first"]),
+    # raised inside NumPy's broadcasting: the message points at the student's line
+    ("up_shifted", ["your code raised ValueError", "(in top_down, line",
+                    "`mu_q[i], var_q[i] = gaussian.merge(mu_hat, up[i][1], mu_p, var_p)`"]),
 ])
 def test_wrong_top_down(capsys, mistake, messages):
     assert checks.check_top_down(top_down_with(**{mistake: True})) is False
     out = capsys.readouterr().out
     for message in messages:
         assert message in out, out
+
+
+def test_top_layer_kl_broadcast_over_samples_passes(capsys):
+    assert checks.check_top_down(top_down_with(top_kl_broadcast=True)) is True, \
+        capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------

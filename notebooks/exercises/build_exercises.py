@@ -541,6 +541,16 @@ else:
 ])
 
 
+# exercise 7's check compares with the project's own pass, not with finite differences
+HOW_TOP_DOWN = """
+**How this notebook works.** The cell tagged *exercise* holds the blank: replace the
+`raise NotImplementedError(...)` with your code, run that cell, then run the check cell
+below it. The check prints `PASS`, `NOT DONE YET` (the blank is still empty) or `WRONG`
+with the layer, the expected value and yours, and a hint; then it compares the gradient
+of every weight through your pass with the gradient through the project's
+`LadderVAE.infer`. Run the cells from the top (*Run All* works).
+"""
+
 # ----------------------------------------------------------------------------------
 notebook("07_top_down", [
 md(r"""
@@ -559,15 +569,15 @@ with the prior:
 $$q(z_L \mid x) = \mathcal N(\hat\mu_L, \hat\sigma^2_L), \qquad z_L \sim q(z_L \mid x),$$
 and for $i = L-1, \dots, 1$:
 $$(\mu_{p,i}, \sigma^2_{p,i}) = \text{prior of } z_i \text{ given the sample } z_{i+1}, \qquad
-q(z_i \mid \cdot) = \mathrm{merge}\big(\mathcal N(\hat\mu_i, \hat\sigma^2_i),\; \mathcal N(\mu_{p,i}, \sigma^2_{p,i})\big), \qquad
-z_i \sim q(z_i \mid \cdot).$$
+q(z_i \mid x, z_{i+1}) = \mathrm{merge}\big(\mathcal N(\hat\mu_i, \hat\sigma^2_i),\; \mathcal N(\mu_{p,i}, \sigma^2_{p,i})\big), \qquad
+z_i \sim q(z_i \mid x, z_{i+1}).$$
 The merge is the precision-weighted product of exercise 2: the posterior leans towards
-whichever Gaussian is more certain. The top layer has no prior to merge with but
-$\mathcal N(0, I)$, and the paper takes its bottom-up Gaussian as it is.
+whichever Gaussian is more certain. The top layer's prior is $\mathcal N(0, I)$; the
+paper does not merge with it: $q(z_L \mid x)$ is the bottom-up Gaussian itself.
 
 **The KL terms.** Because $z_{i+1}$ is drawn *before* $z_i$, given that sample both
 $q(z_i \mid \cdot)$ and $p(z_i \mid z_{i+1})$ are diagonal Gaussians, and
-$\mathrm{KL}_i = \mathrm{KL}\big(q(z_i \mid \cdot)\,\|\,p(z_i \mid z_{i+1})\big)$ is the
+$\mathrm{KL}_i = \mathrm{KL}\big(q(z_i \mid x, z_{i+1})\,\|\,p(z_i \mid z_{i+1})\big)$ is the
 closed form of exercise 3, per unit; the top layer's is against $\mathcal N(0, I)$.
 (The bottom-up VAE draws $z_{i+1}$ *after* $z_i$ and has to estimate these terms from one
 sample.)
@@ -583,10 +593,14 @@ You have:
   it once per layer, from the top down, as soon as that layer's posterior is known: the
   check hands out the same noise as the project's code, in that order.
 
-With $K$ samples the prior of a $(K, B, d_{i+1})$ sample has shape $(K, B, d_i)$, and
-the merge broadcasts $\hat\mu_i$ of shape $(B, d_i)$ against it: nothing to do by hand.
+**Shapes**, with $B$ images and $K$ samples per image. The top layer's `mu_q`, `var_q`
+and `kl` keep the shape $(B, d_L)$ of `up`; its sample `z` has shape $(K, B, d_L)$.
+Below the top, the prior of a $(K, B, d_{i+1})$ sample has shape $(K, B, d_i)$, the merge
+broadcasts $\hat\mu_i$ of shape $(B, d_i)$ against it, and `mu_q`, `var_q`, `z` and `kl`
+all have shape $(K, B, d_i)$: nothing to do by hand. `kl[i]` is the KL *per unit*, the
+shape of `mu_q[i]`, not summed over the units (the model sums it later).
 """),
-md(HOW),
+md(HOW_TOP_DOWN),
 code(SETUP),
 md("## Your code"),
 code('''
@@ -599,8 +613,8 @@ def top_down(model, up, sample):
     model: a lvae.LadderVAE (model.n_layers; model.prior(i, z_above));
     up: the bottom-up Gaussians [(mu_hat, var_hat) of each layer], bottom first;
     sample(mu, var): a reparameterised sample z ~ N(mu, var).
-    Returns four lists indexed like `up`: z, mu_q, var_q, and kl (the KL per unit of
-    each layer, a Tensor).
+    Returns four lists indexed like `up` (index 0 = z_1): z, mu_q, var_q, and kl (the
+    KL per unit of each layer, a Tensor of the shape of mu_q[i]).
     """
     n = model.n_layers
     z, mu_q, var_q, kl = [None] * n, [None] * n, [None] * n, [None] * n
@@ -614,8 +628,9 @@ md("""
 ## Once it passes
 
 The merge at work in a small untrained LVAE: for a few units of $z_1$ of one image, the
-bottom-up Gaussian, the prior given the sample of $z_2$, and the posterior between them
-(nearer the mean with the smaller variance); then the KL of each layer.
+bottom-up Gaussian merged with the prior given the sample of $z_2$ gives the posterior:
+its mean lies between the two, nearer the one with the smaller variance, and its
+variance is below both. Then the KL of each layer.
 """),
 code('''
 if done:
@@ -627,7 +642,7 @@ if done:
         mu_p, var_p = model.prior(0, z[1])
     for u in range(3):
         print(f"z1 unit {u}: bottom-up N({float(up[0][0].data[0, u]):+.2f}, {float(up[0][1].data[0, u]):.2f})"
-              f"  x  prior N({float(mu_p.data[0, 0, u]):+.2f}, {float(var_p.data[0, 0, u]):.2f})"
+              f" merged with prior N({float(mu_p.data[0, 0, u]):+.2f}, {float(var_p.data[0, 0, u]):.2f})"
               f"  ->  posterior N({float(mu_q[0].data[0, 0, u]):+.2f}, {float(var_q[0].data[0, 0, u]):.2f})")
     print("KL per layer, z1 first (nats, mean over 4 images):",
           [round(float(k.data.sum(axis=-1).mean()), 3) for k in kl])

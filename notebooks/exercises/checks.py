@@ -64,13 +64,26 @@ def _fmt(value):
     return np.array2string(value, precision=6, separator=", ", threshold=12)
 
 
+def _is_student_code(filename):
+    """A notebook cell or a student's file: not one of the project's modules (autograd.py,
+    gaussian.py, ...), not Python's or an installed library's."""
+    path = os.path.abspath(filename)
+    prefixes = {os.path.abspath(p) for p in (sys.prefix, sys.base_prefix)}
+    library = (any(path.startswith(p + os.sep) for p in prefixes)
+               or "site-packages" in path or "dist-packages" in path)
+    return not (os.path.dirname(path) == ROOT or library)
+
+
 def _where(exc):
-    """' (in f, line 7: `y = ...`)' for the innermost frame outside this module."""
+    """' (in f, line 7: `y = ...`)': the innermost frame of the student's code, where
+    the error usually is even when it is raised deeper (inside NumPy, or a project op);
+    else the innermost frame outside this module."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if os.path.abspath(f.filename) != os.path.abspath(__file__)]
     if not frames:
         return ""
-    f = frames[-1]
+    student = [f for f in frames if _is_student_code(f.filename)]
+    f = (student or frames)[-1]
     code = f": `{f.line.strip()}`" if f.line else ""
     return f" (in {f.name}, line {f.lineno}{code})"
 
@@ -655,11 +668,25 @@ def _top_down_run(top_down, model, x, samples):
             raise Wrong(f"top_down's {name} must be a list with one entry per layer ({n}), "
                         f"bottom first, got {type(items).__name__}"
                         + (f" of length {len(items)}" if isinstance(items, (tuple, list)) else ""))
+        empty = [i for i, item in enumerate(items) if item is None]
+        if len(empty) == n:
+            _blank(f"top_down's {name}", None)
+        if empty:
+            raise Wrong(f"top_down's {name} has no value for layer "
+                        f"{', '.join(f'index {i} (z{i + 1})' for i in empty)}",
+                        "the top layer first, then a loop over i = n - 2, ..., 0: does it "
+                        "reach i = 0?")
         for i, item in enumerate(items):
             _blank(f"top_down's {name}[{i}]", item)
             if not isinstance(item, Tensor):
                 raise Wrong(f"{name}[{i}] is a {type(item).__name__}, expected a Tensor (use "
                             f"merge, gaussian_kl and sample: they return Tensors)")
+    units = [item.shape[-1] for item in result[0]]
+    if units != list(model.z_dims) and units[::-1] == list(model.z_dims):
+        raise Wrong(f"your z has {units} units per entry, the model's layers have "
+                    f"{list(model.z_dims)} from z_1 up: the lists look top first",
+                    "index 0 must be z_1, the bottom layer (fill z[i], mu_q[i], ... at the "
+                    "layer's own index rather than appending as you go down)")
     if sample.calls != n:
         raise Wrong(f"sample() was called {sample.calls} times; call it once per layer "
                     f"({n} layers), from the top layer down",
@@ -698,6 +725,16 @@ def _diagnose_layer(i, top, name, got, reference, up):
     return "kl_i = gaussian_kl(mu_q_i, var_q_i, mu_p_i, var_p_i), per unit"
 
 
+def _shape_note(i, top, name, got, expected):
+    """Why a shape may be off, when the shapes themselves say it."""
+    if name == "kl" and got.shape == expected.shape[:-1]:
+        return " (the KL per unit: do not sum over the units)"
+    if i < top and got.ndim == expected.ndim - 1:
+        return (" (below the top, the prior of a sample of shape (K, B, units) gives every "
+                "array the leading K axis)")
+    return ""
+
+
 def _compare_layers(result, reference, up):
     """Compare layer by layer from the top down, in the order they are computed. The KL
     of the top layer may come as (B, units) or broadcast to the samples' (K, B, units)."""
@@ -713,8 +750,7 @@ def _compare_layers(result, reference, up):
                 shape = None
             if shape is None or (name != "kl" and got.shape != expected.shape):
                 raise Wrong(f"layer z{i + 1}: {name} has shape {got.shape}, expected "
-                            f"{expected.shape} (below the top, the prior of a sample of "
-                            f"shape (K, B, units) gives every array that leading K axis)",
+                            f"{expected.shape}{_shape_note(i, top, name, got, expected)}",
                             _diagnose_layer(i, top, name, got, reference, up))
             got_b, expected_b = np.broadcast_to(got, shape), np.broadcast_to(expected, shape)
             if not np.allclose(got_b, expected_b, rtol=RTOL, atol=ATOL):
@@ -755,7 +791,9 @@ def check_top_down_gradients(top_down):
             z, kl = run()
             objective = None  # a sum that every z and KL term enters with its own weight
             for z_i, kl_i, w in zip(z, kl, weights):
-                term = (z_i * w).sum() + kl_i.sum()
+                # the KL summed over units, averaged over samples and images as the ELBO
+                # does: a top-layer KL of shape (B, d) or broadcast to (K, B, d) counts the same
+                term = (z_i * w).sum() + kl_i.sum(axis=-1).mean()
                 objective = term if objective is None else objective + term
             objective.backward()
             return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
