@@ -3,6 +3,7 @@ expected error (bad checkpoint, missing data, no CUDA) prints ``error: ...`` and
 with status 1, without a traceback. tests/test_train.py covers a normal evaluation."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ sys.path.insert(0, str(ROOT))
 import autograd  # noqa: E402
 import evaluate  # noqa: E402
 import checkpoint  # noqa: E402
+import data  # noqa: E402
+import lvae  # noqa: E402
 from test_checkpoint import CONFIG, rewrite, write_checkpoint  # noqa: E402
 
 
@@ -89,3 +92,35 @@ def test_script_succeeds_with_exit_status_0(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["samples"] == 2 and result["images"] == 5
+
+
+def test_blocks_give_the_numbers_of_one_call(tmp_path, capsys):
+    """evaluate.py goes through the test set a batch at a time (so that Ctrl-C keeps the
+    batches done): the same bound as one call over all the images."""
+    ckpt = write_checkpoint(tmp_path / "ckpt.npz")
+    result = evaluate.main([ckpt, "--samples=3", "--images=25", "--batch_size=2",
+                            "--no_bn_recompute"])
+    net, _ = evaluate.load_model(ckpt)
+    test_x = data.binarized_test_set(data.load_dataset("mnist").test_x)[:25]
+    expected = lvae.log_likelihood_bound(net, test_x, 3, lvae.Noise(0), batch_size=2)
+    assert result["images"] == 25
+    assert result["test_lk"] == pytest.approx(float(expected.mean()), rel=1e-12)
+
+
+def test_interrupt_reports_the_images_done(tmp_path, capsys, monkeypatch):
+    ckpt = write_checkpoint(tmp_path / "ckpt.npz")
+    real, calls = lvae.log_likelihood_bound, []
+
+    def interrupted_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(lvae, "log_likelihood_bound", interrupted_on_the_third_batch)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([ckpt, "--samples=3", "--images=25", "--batch_size=2",
+                       "--no_bn_recompute"])
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert re.search(r"interrupted after 4/25 images: L_3 = -?[0-9.]+ \+- [0-9.]+ nats on "
+                     r"the first 4 test images", err), err
