@@ -111,3 +111,68 @@ def test_graph_replays_equal_eager_steps_on_gpu(kind):
         np.testing.assert_allclose(replayed[name], eager[name], rtol=1e-9, atol=1e-12,
                                    err_msg=name)
     np.testing.assert_allclose(replayed_sums, eager_sums, rtol=1e-9)
+
+
+def test_recording_sequence_with_a_stand_in_for_cupy(monkeypatch):
+    """Without a GPU: the order of CuPy calls that GraphStep.step makes (two eager steps,
+    then one recorded and launched, then launches only), with a stand-in that logs them.
+    The stand-in cannot record, so during the 'recording' the body really runs: this
+    checks the control flow and CuPy's API names, not the replays' numbers."""
+    import contextlib
+    import types
+
+    import cuda_graph
+    log = []
+
+    class Stream:
+        def __enter__(self):
+            log.append("enter stream")
+
+        def __exit__(self, *exc):
+            log.append("exit stream")
+
+        def begin_capture(self):
+            log.append("begin_capture")
+
+        def end_capture(self):
+            log.append("end_capture")
+            return types.SimpleNamespace(launch=lambda stream: log.append("launch"))
+
+        def synchronize(self):
+            log.append("synchronize")
+
+    @contextlib.contextmanager
+    def using_allocator(malloc):
+        assert malloc == "private pool's malloc"
+        log.append("private pool")
+        yield
+
+    cuda = types.SimpleNamespace(Stream=Stream, using_allocator=using_allocator,
+                                 MemoryPool=lambda: types.SimpleNamespace(
+                                     malloc="private pool's malloc"))
+    monkeypatch.setattr(cuda_graph, "cupy", types.SimpleNamespace(cuda=cuda))
+    net, adam = model_and_adam("lvae")
+    graph_step = GraphStep(net, adam, BATCH)
+    graph_step.record, graph_step.stream = True, Stream()  # as on a GPU
+    graph_step.pool = cuda.MemoryPool()
+    bodies = []
+    real_body = graph_step.body
+    graph_step.body = lambda: (bodies.append(len(log)), real_body())
+    for x in batches(WARMUP_STEPS + 3):
+        graph_step.step(x)
+    graph_step.synchronize()
+    steps, current = [], None  # the calls of each step, from entering the stream to leaving it
+    for entry in log:
+        if entry == "enter stream":
+            current = []
+        elif entry == "exit stream":
+            steps.append(current)
+            current = []  # what comes after the steps (synchronize)
+        else:
+            current.append(entry)
+    assert len(steps) == WARMUP_STEPS + 3 and log[-1] == "synchronize"
+    assert len(bodies) == WARMUP_STEPS + 1  # the warm-up steps and the recording
+    assert steps[:WARMUP_STEPS] == [["private pool"]] * WARMUP_STEPS
+    assert steps[WARMUP_STEPS] == ["private pool", "begin_capture", "end_capture", "launch"]
+    assert steps[WARMUP_STEPS + 1:] == [["private pool", "launch"]] * 2
+    assert adam.t == WARMUP_STEPS + 3  # Adam's step count still moves on the host
