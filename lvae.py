@@ -74,8 +74,8 @@ class Noise:
     """Standard-normal draws for the reparameterisation trick: reproducible and resumable.
 
     On the CPU they come from a NumPy Generator. On the GPU they come from CuPy's
-    generator, reseeded from the NumPy one at every ``new_step()``: the host generator's
-    state alone determines every draw, and that is what checkpoints store.
+    generator (cuRAND's Philox), reseeded from the NumPy one at every ``new_step()``: the
+    host generator's state alone determines every draw, and that is what checkpoints store.
     """
 
     def __init__(self, seed=0):
@@ -92,7 +92,11 @@ class Noise:
         if xp is np:
             return self.rng.standard_normal(shape, dtype=like.dtype)
         if self._gpu_rng is None:
-            self._gpu_rng = xp.random.RandomState()
+            from cupy.cuda import curand  # reached only with CuPy arrays
+            # Philox, a counter-based generator, is cheap to reseed at every step; cuRAND's
+            # default (XORWOW) sets up a state per GPU thread at each reseed (bench.py B2
+            # times both)
+            self._gpu_rng = xp.random.RandomState(method=curand.CURAND_RNG_PSEUDO_PHILOX4_32_10)
         if self._reseed:
             self._gpu_rng.seed(int(self.rng.integers(2 ** 62)))
             self._reseed = False

@@ -1240,11 +1240,35 @@ def gpu_steps(res):
     if "cupy fused, CUDA graph" in steppers:
         rep("  * the recorded step runs as one launch: its phases cannot be timed apart "
             "(whole step, synchronised)")
+    noise_per_step()
     res["gpu_steps"] = thr
     res["gpu_torch_dev"] = torch_dev
     if w is None:
         rep(f"  PyTorch {TORCH_ERROR}")
     res["gpu_model"] = steppers["cupy fused"].model
+
+
+def noise_per_step():
+    """What lvae.Noise costs a GPU step: a reseed from the host generator, then one draw
+    per stochastic layer, with cuRAND's default generator (XORWOW) and with Philox."""
+    from cupy.cuda import curand
+    shapes = [(1, BATCH, d) for d in lvae.PAPER_Z_DIMS]
+    host = np.random.default_rng(0)
+    for name, method in (("XORWOW, cuRAND's default", curand.CURAND_RNG_PSEUDO_XORWOW),
+                         ("Philox, what lvae.Noise uses", curand.CURAND_RNG_PSEUDO_PHILOX4_32_10)):
+        rng = cupy.random.RandomState(method=method)
+
+        def step():
+            rng.seed(int(host.integers(2 ** 62)))
+            for shape in shapes:
+                rng.standard_normal(shape, dtype=np.float32)
+        step()
+        cuda_sync_cupy()
+        t0, n = pc(), 20 if ARGS.quick else 100
+        for _ in range(n):
+            step()
+        cuda_sync_cupy()
+        rep(f"  noise of one step ({name}): reseed + {len(shapes)} draws {ms((pc() - t0) / n)}")
 
 
 # ----------------------------------------------------------------------------- B3 GPU evaluation

@@ -43,7 +43,10 @@ class BufferNoise:
         xp = get_array_module(like)
         self.flat = xp.empty(size, like.dtype)
         self.rng = np.random.default_rng(seed)
-        self.gpu_rng = None if xp is np else xp.random.RandomState()
+        self.gpu_rng = None
+        if xp is not np:  # the generator lvae.Noise uses
+            from cupy.cuda import curand
+            self.gpu_rng = xp.random.RandomState(method=curand.CURAND_RNG_PSEUDO_PHILOX4_32_10)
         self.offset = 0
 
     def refill(self):
