@@ -498,3 +498,83 @@ def test_grade_a_students_folder(tmp_path, capsys):
     assert "01_softplus.ipynb: 2 of 2 parts pass" in out, out
     assert "03_gaussian_kl.ipynb: 1 of 2 parts pass" in out and "WRONG: KL forward" in out, out
     assert "06_reparameterize.ipynb: 0 of 2 parts pass" in out, out
+
+
+# ----------------------------------------------------------------------------------
+# 1. More mistakes from students' trial runs: each named by its message
+# ----------------------------------------------------------------------------------
+def test_softplus_forward_must_return_a_float64_array_and_keep_its_input(capsys):
+    op = solution("01_softplus")["softplus"]
+    as_list = lambda x: stable_softplus(x).tolist()
+    as_float32 = lambda x: stable_softplus(x).astype(np.float32)
+
+    def in_place(x):
+        out = np.log1p(np.exp(-np.abs(x)))
+        x[x < 0] = 0  # the op's backward would then see the wrong x
+        return x + out
+    for wrong, message in ((as_list, "softplus_array returned a list, expected an array"),
+                           (as_float32, "softplus_array returned float32 values for float64"),
+                           (in_place, "softplus_array changed its input x in place")):
+        assert checks.check_softplus(wrong, op) is False
+        out = capsys.readouterr().out
+        assert f"WRONG: softplus forward: {message}" in out, out
+
+
+def test_merge_outputs_or_gradients_in_another_order(capsys):
+    ns = solution("02_merge")
+    swapped = lambda *a: ns["merge_forward"](*a)[::-1]
+    assert checks.check_merge(swapped, ns["merge_backward"]) is False
+    assert "merge_forward returned (var_q, mu_q)" in capsys.readouterr().out
+
+    def reordered(*args):
+        d_mu_hat, d_var_hat, d_mu_p, d_var_p = ns["merge_backward"](*args)
+        return d_mu_hat, d_mu_p, d_var_hat, d_var_p
+    assert checks.check_merge(ns["merge_forward"], reordered) is False
+    out = capsys.readouterr().out
+    assert ("WRONG GRADIENT: merge backward: merge_backward returned the right gradients in "
+            "the order (mu_hat, mu_p, var_hat, var_p)") in out, out
+
+
+@pytest.mark.parametrize("mistake, hint", [
+    (lambda kl, mq, vq, mp, vp: 2 * kl(mq, vq, mp, vp), "the factor 0.5 is missing"),
+    (lambda kl, mq, vq, mp, vp: kl(mp, vp, mq, vq), "your values are KL(p || q)"),
+    (lambda kl, mq, vq, mp, vp: kl(mq, vq, mp, vp) + 0.5, "the '- 1' inside the bracket"),
+    (lambda kl, mq, vq, mp, vp: kl(mq, vq, mp, vp) - 0.25 * np.log(vp / vq),
+     "use the variances in the logs, not standard deviations"),
+], ids=["twice", "reversed", "without -1", "log of std"])
+def test_kl_forward_mistakes_get_their_own_hint(capsys, mistake, hint):
+    ns = solution("03_gaussian_kl")
+    wrong = lambda *a: mistake(ns["kl_forward"], *a)
+    assert checks.check_kl(wrong, ns["kl_backward"]) is False
+    out = capsys.readouterr().out
+    assert "WRONG: KL forward" in out and hint in out, out
+
+
+@pytest.mark.parametrize("dx_of, hint", [
+    (lambda g, gamma, xhat, inv_std, n: gamma * inv_std * (g - xhat * (g * xhat).mean(axis=0)),
+     "the column sums of your dx are not 0"),
+    (lambda g, gamma, xhat, inv_std, n: gamma * inv_std * (
+        g - g.mean(axis=0) + xhat * (g * xhat).mean(axis=0)),
+     "the column sums of xhat * dx are not 0"),
+    (lambda g, gamma, xhat, inv_std, n: inv_std * (
+        g - g.mean(axis=0) - xhat * (g * xhat).mean(axis=0)),
+     "off by a factor per column: is it scaled by gamma"),
+], ids=["no mean term", "wrong sign", "no gamma"])
+def test_batch_norm_dx_hint_names_the_broken_identity(capsys, dx_of, hint):
+    assert checks.check_batchnorm_backward(batch_norm_with(dx_of)) is False
+    out = capsys.readouterr().out
+    assert "WRONG GRADIENT: batch norm backward, dx" in out and hint in out, out
+
+
+def test_logsumexp_backward_without_the_reduced_axis_put_back(capsys):
+    """g * exp(a - out) broadcasts by luck along axis 0; along axis 1 of a square array it
+    broadcasts too, silently wrong: the check tests that case."""
+    ns = solution("05_iw_bound")
+
+    def no_expand_dims(x, axis=0):
+        out = ns["logsumexp_array"](x.data, axis)
+        return record(out, (x,), lambda g: (g * np.exp(x.data - out),))
+    assert checks.check_logsumexp_and_iw_bound(ns["logsumexp_array"], no_expand_dims,
+                                               ns["iw_bound"]) is False
+    out = capsys.readouterr().out
+    assert "WRONG GRADIENT: logsumexp backward: for a" in out and "expand_dims" in out, out

@@ -165,14 +165,18 @@ Precisions (inverse variances) add up, and the mean is a precision-weighted aver
 the posterior leans towards whichever opinion is more certain. (Check it: the exponent
 of the product is a sum of two quadratics in $z$; complete the square.)
 
-**A safe form.** Variances in the model range from $10^{-8}$ to large numbers. Multiply
-numerator and denominator by $\hat\sigma^2 \sigma^2_p$ to divide only once: with
-$s = 1/(\hat\sigma^2 + \sigma^2_p)$,
+**A safer form.** Multiply numerator and denominator by $\hat\sigma^2 \sigma^2_p$ to
+divide only once: with $s = 1/(\hat\sigma^2 + \sigma^2_p)$,
 $$\sigma^2_q = \hat\sigma^2 \sigma^2_p\, s, \qquad \mu_q = (\hat\mu\, \sigma^2_p + \mu_p \hat\sigma^2)\, s.$$
+One division instead of three, and the right limit when a variance gets tiny: as
+$\hat\sigma^2 \to 0$ the form above gives $\mu_q = \hat\mu$, where the textbook form
+computes $\infty \cdot 0$. (Both pass the check: the model's variances, $10^{-8}$ and
+up, never reach 0.)
 
 **Backward.** `merge` has two outputs. Given $g_\mu = \partial L/\partial \mu_q$ and
-$g_{\sigma} = \partial L / \partial \sigma^2_q$, the gradient for each input $a$ is
-$$\frac{\partial L}{\partial a} = g_\mu \frac{\partial \mu_q}{\partial a} + g_\sigma \frac{\partial \sigma^2_q}{\partial a}.$$
+$g_{\sigma^2} = \partial L / \partial \sigma^2_q$ (`g_var` in the code), the gradient for
+each input $a$ is
+$$\frac{\partial L}{\partial a} = g_\mu \frac{\partial \mu_q}{\partial a} + g_{\sigma^2} \frac{\partial \sigma^2_q}{\partial a}.$$
 Derive the eight partial derivatives (four are zero or easy; $\partial s/\partial \hat\sigma^2 = -s^2$).
 The check compares each gradient with finite differences, first through $\mu_q$ only,
 then through $\sigma^2_q$ only, then both.
@@ -213,8 +217,11 @@ def merge(mu_hat, var_hat, mu_p, var_p):
     inputs = (mu_hat, var_hat, mu_p, var_p)
     datas = [t.data for t in inputs]
     mu_q, var_q = merge_forward(*datas)
-    return record_multi((mu_q, var_q), inputs,
-                        lambda gs: merge_backward(gs[0], gs[1], *datas))
+
+    def backward(grads):  # an output that got no gradient comes as None: use zeros
+        g_mu, g_var = (np.zeros_like(mu_q) if g is None else g for g in grads)
+        return merge_backward(g_mu, g_var, *datas)
+    return record_multi((mu_q, var_q), inputs, backward)
 
 
 if done:
@@ -326,8 +333,9 @@ backward. The forward is given. Given $g_n = \partial L/\partial y_n$:
   rows, times $1/\sqrt{v + \epsilon}$.
 
 Sanity checks for your formula: adding a constant to a column of $x$ does not change $y$,
-so the column sums of $\partial L/\partial x$ are zero; scaling a column does not change
-$y$ either (exactly so when $\epsilon = 0$), so $\sum_n \hat x_n\, \partial L/\partial x_n = 0$.
+so the column sums of $\partial L/\partial x$ are zero; scaling a column about its mean
+does not change $y$ either (exactly so when $\epsilon = 0$), and together with the zero
+column sums this gives $\sum_n \hat x_n\, \partial L/\partial x_n = 0$.
 """),
 md(HOW),
 code(SETUP),
@@ -393,7 +401,9 @@ With $K$ samples $z^k \sim q(z \mid x)$ and *log-weights*
 $\log w_k = \log p(x, z^k) - \log q(z^k \mid x)$ (`lvae.log_weights`),
 $$\mathcal L_K = \log \frac1K \sum_{k=1}^K w_k
 = \log\sum_k e^{\log w_k} - \log K, \qquad
-\mathcal L_1 = \text{ELBO} \le \mathcal L_K \le \mathcal L_{K+1} \le \log p(x).$$
+\mathbb E[\mathcal L_1] = \text{ELBO} \le \mathbb E[\mathcal L_K] \le \mathbb E[\mathcal L_{K+1}] \le \log p(x)$$
+(each $\mathcal L_K$ is computed from random samples: the inequalities hold for its
+expectation, and for one estimate only up to its noise).
 
 **Why log-sum-exp.** A log-weight of a binarised MNIST image is about $-100$ nats and
 can be far lower early in training; $e^{-800}$ is 0 in float64, so $\log\sum_k e^{a_k}$
@@ -489,7 +499,8 @@ used $K$ times, so its gradient is the *sum* of the $K$ contributions:
 `autograd.sum_to(grad, mu.shape)` sums a gradient back to a shape. (Try it without: the
 check will tell you what shape you returned.)
 
-**Why it works.** $\nabla_{\mu,\sigma^2}\,\mathbb E[f(z)] = \mathbb E_\varepsilon[\nabla f(\mu + \sigma\varepsilon)]$:
+**Why it works.** $\nabla_{\mu,\sigma^2}\,\mathbb E[f(z)] = \mathbb E_\varepsilon\big[\nabla_{\mu,\sigma^2} f(\mu + \sigma\varepsilon)\big]$
+(the gradient of the composite function with respect to $\mu$ and $\sigma^2$):
 averaging the per-sample gradients estimates the gradient of the expectation. The
 check tests this on $f(z) = z^2$, where $\mathbb E[z^2] = \mu^2 + \sigma^2$.
 """),

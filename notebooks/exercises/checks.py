@@ -135,10 +135,13 @@ def _array(name, value, shape):
     if isinstance(value, Tensor):
         raise Wrong(f"{name} returned a Tensor, but it works on raw arrays: return an "
                     f"array (x.data is the array inside a Tensor).")
-    try:
-        value = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise Wrong(f"{name} returned {type(value).__name__}, expected an array") from None
+    if not isinstance(value, (np.ndarray, np.generic, float)):
+        raise Wrong(f"{name} returned a {type(value).__name__}, expected an array (NumPy's "
+                    f"functions, xp.maximum, xp.exp, ..., return arrays)")
+    if np.asarray(value).dtype != np.float64:
+        raise Wrong(f"{name} returned {np.asarray(value).dtype} values for float64 inputs: "
+                    f"keep the inputs' precision (the checks compare in float64)")
+    value = np.asarray(value, dtype=np.float64)
     if value.shape != shape:
         raise Wrong(f"{name} returned an array of shape {value.shape}, expected shape {shape}")
     return value
@@ -276,9 +279,13 @@ def check_softplus(softplus_array, softplus):
         _compare("softplus_array", softplus_array(x2.copy()), autograd.softplus_array(x2),
                  {"x": x2}, hint="work elementwise, on arrays of any shape")
         big = np.array([-1000.0, -100.0, -40.0, 40.0, 100.0, 1000.0])
-        _compare("softplus_array", softplus_array(big.copy()), autograd.softplus_array(big),
+        given = big.copy()
+        _compare("softplus_array", softplus_array(given), autograd.softplus_array(big),
                  {"x": big}, hint="e^1000 overflows to inf and e^-1000 underflows to 0: "
                  "write log(1 + e^x) as max(x, 0) + log1p(e^-|x|)")
+        if not np.array_equal(given, big):
+            raise Wrong("softplus_array changed its input x in place (e.g. x[x < 0] = 0): "
+                        "the op's backward needs the original x; compute into new arrays")
         return "values match autograd.softplus_array, also for |x| up to 1000"
 
     def backward():
@@ -325,6 +332,10 @@ def check_merge_forward(merge_forward):
         inputs = dict(zip(MERGE_NAMES, arrays))
         mu_q, var_q = _two("merge_forward", merge_forward(*[a.copy() for a in arrays]))
         ref_mu, ref_var = gaussian.merge_forward(*arrays)
+        if (np.shape(mu_q) == ref_var.shape and np.allclose(mu_q, ref_var)
+                and np.allclose(var_q, ref_mu)):
+            raise Wrong("merge_forward returned (var_q, mu_q): return (mu_q, var_q), the "
+                        "mean first")
         _compare("var_q", var_q, ref_var, inputs,
                  hint="var_q = 1 / (1/var_hat + 1/var_p): precisions add up")
         _compare("mu_q", mu_q, ref_mu, inputs,
@@ -342,6 +353,24 @@ def check_merge_forward(merge_forward):
         _compare("mu_q", mu_q, ref_mu, inputs, hint="stay finite for variances from 1e-8 to 1e8")
         return "mu_q and var_q match gaussian.merge_forward, for variances from 1e-8 to 1e8"
     return run_part("merge forward", body)
+
+
+def _check_order(what, grads, numeric, names):
+    """Wrong when the gradients are right but returned in another order than names."""
+    import itertools
+    arrays = [np.asarray(g, dtype=np.float64) if isinstance(g, (np.ndarray, np.generic))
+              else None for g in grads]
+    if any(a is None or a.shape != n.shape for a, n in zip(arrays, numeric)):
+        return
+    close = lambda a, n: np.allclose(a, n, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+    if all(close(a, n) for a, n in zip(arrays, numeric)):
+        return
+    for order in itertools.permutations(range(len(names))):
+        if all(close(arrays[i], numeric[j]) for i, j in enumerate(order)):
+            got = ", ".join(names[j] for j in order)
+            raise Wrong(f"{what} returned the right gradients in the order ({got}); return "
+                        f"them in the order of the inputs: ({', '.join(names)})",
+                        status="WRONG GRADIENT")
 
 
 def check_merge_backward(merge_backward):
@@ -365,6 +394,7 @@ def check_merge_backward(merge_backward):
             if not isinstance(grads, (tuple, list)) or len(grads) != 4:
                 raise Wrong("merge_backward must return four gradients (for mu_hat, "
                             "var_hat, mu_p, var_p)")
+            _check_order("merge_backward", grads, numeric, MERGE_NAMES)
             for name, got, num in zip(MERGE_NAMES, grads, numeric):
                 got = _array(f"merge_backward's gradient for {name}", got, num.shape)
                 _compare_gradient(f"for {name}, {label}", got, num,
@@ -388,9 +418,20 @@ def check_kl_forward(kl_forward):
     def body():
         arrays = _merge_inputs(seed=5)
         inputs = dict(zip(("mu_q", "var_q", "mu_p", "var_p"), arrays))
-        _compare("kl_forward", kl_forward(*[a.copy() for a in arrays]),
-                 gaussian.kl_forward(*arrays), inputs,
-                 hint="0.5 (log var_p - log var_q + (var_q + (mu_q - mu_p)^2) / var_p - 1)")
+        got, expected = kl_forward(*[a.copy() for a in arrays]), gaussian.kl_forward(*arrays)
+        hint = "0.5 (log var_p - log var_q + (var_q + (mu_q - mu_p)^2) / var_p - 1)"
+        if np.shape(got) == expected.shape and isinstance(got, np.ndarray):
+            if np.allclose(got, 2 * expected):
+                hint = "your values are exactly twice the KL: the factor 0.5 is missing"
+            elif np.allclose(got, gaussian.kl_forward(arrays[2], arrays[3], arrays[0], arrays[1])):
+                hint = ("your values are KL(p || q): the KL of the ELBO is KL(q || p), the "
+                        "expectation taken under q (var_q over var_p inside)")
+            elif np.allclose(got, expected + 0.5):
+                hint = "your values are 0.5 too large: the '- 1' inside the bracket is missing"
+            elif np.allclose(got, expected - 0.25 * np.log(arrays[3] / arrays[1])):
+                hint = ("the log terms are halved: log var is 2 log sigma, so use the "
+                        "variances in the logs, not standard deviations")
+        _compare("kl_forward", got, expected, inputs, hint=hint)
         same = (arrays[0], arrays[1], arrays[0].copy(), arrays[1].copy())
         _compare("kl_forward", kl_forward(*same), np.zeros(arrays[0].shape),
                  dict(zip(("mu_q", "var_q", "mu_p", "var_p"), same)),
@@ -428,6 +469,28 @@ def check_kl(kl_forward, kl_backward):
 # ----------------------------------------------------------------------------------
 # Exercise 4: batch norm backward
 # ----------------------------------------------------------------------------------
+def _batch_norm_dx_hint(dx, x, eps):
+    """Which of the two identities that the true dx satisfies a wrong dx breaks: its
+    column sums are 0 (adding a constant to a column does not change y), and so are the
+    column sums of xhat * dx (scaling a column about its mean does not change y, up to
+    eps)."""
+    xhat = (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + eps)
+    scale = max(float(np.abs(dx).max()), 1e-12)
+    if not np.allclose(dx.sum(axis=0) / scale, 0, atol=1e-6):
+        return ("the column sums of your dx are not 0, but they must be (adding a constant "
+                "to a column of x does not change y): the term from the batch mean is "
+                "missing or wrong (a mean over the N rows, not N - 1)")
+    # the second holds only up to about eps / var (eps breaks the scale invariance a
+    # little): a loose tolerance, still far below what a missing or wrong term gives
+    if not np.allclose((xhat * dx).sum(axis=0) / scale, 0, atol=1e-2):
+        return ("the column sums of xhat * dx are not 0, but they must be (scaling a column "
+                "about its mean does not change y): the term from the batch variance, "
+                "xhat times the column mean of g * gamma * xhat, is missing or has the "
+                "wrong sign")
+    return ("both identities hold (columns of dx and of xhat * dx sum to 0), so dx is off "
+            "by a factor per column: is it scaled by gamma / sqrt(var + eps)?")
+
+
 def check_batchnorm_backward(batch_norm):
     """Exercise 4: the training-mode batch norm op; its backward against finite
     differences, in two parts: (dgamma, dbeta), then dx."""
@@ -461,7 +524,7 @@ def check_batchnorm_backward(batch_norm):
         w = _weights(x.shape, seed=9)
         analytic = _op_gradients("batch_norm", op, [x, gamma, beta], w)
         naive = w * gamma / np.sqrt(x.var(axis=0) + eps)
-        hint = "x reaches y through xhat, and through the batch mean and variance"
+        hint = _batch_norm_dx_hint(analytic[0], x, eps)
         if np.allclose(analytic[0], naive, rtol=1e-6, atol=1e-9):
             hint = ("dx = g * gamma / sqrt(var + eps) treats the batch mean and variance "
                     "as constants, but every row moves them: with g_xhat = g * gamma, "
@@ -507,12 +570,20 @@ def check_logsumexp_backward(logsumexp):
         _check_op_gradients("logsumexp", lambda t: logsumexp(t, 0), [a], ["a"],
                             hint="d/da_i = e^{a_i - out} (the softmax along the axis), "
                             "times g broadcast back over that axis", elementwise=False)
+        # along axis 1 of a square array, out and g broadcast against a without an error
+        # even when the reduced axis was not put back, and then give wrong values
+        square = np.random.default_rng(12).standard_normal((4, 4))
+        _check_op_gradients("logsumexp along axis 1", lambda t: logsumexp(t, 1), [square],
+                            ["a"], elementwise=False,
+                            hint="put the reduced axis back before broadcasting against a: "
+                            "xp.expand_dims(out, axis) and xp.expand_dims(g, axis)")
         big = a - 1000.0
         (got,) = _op_gradients("logsumexp", lambda t: logsumexp(t, 0), [big], np.ones(3))
         softmax = np.exp(big - _reference_logsumexp(big, 0))
         _compare("logsumexp's gradient", got, softmax,
                  hint="for a = -1000 e^a / sum e^a is 0/0: use e^{a - out} instead")
-        return "backward (the softmax) agrees with finite differences, also for a of -1000"
+        return ("backward (the softmax) agrees with finite differences along both axes, "
+                "also for a of -1000")
     return run_part("logsumexp backward", body)
 
 
@@ -588,8 +659,10 @@ def check_reparameterize(reparameterize):
         eps_k = rng.standard_normal((4, 2, 3))
         _check_op_gradients("reparameterize", lambda m, v: reparameterize(m, v, eps_k),
                             [mu, var], ["mu", "var"], elementwise=False,
-                            hint="with eps of shape (K, B, d) and mu of shape (B, d), sum "
-                            "the gradient over the K samples: autograd.sum_to(grad, mu.shape)")
+                            hint="with eps of shape (K, B, d) and mu of shape (B, d): first "
+                            "each sample's gradient at the full shape (g for mu, g * eps / "
+                            "(2 sqrt(var)) for var), then the sum over the K samples: "
+                            "autograd.sum_to(grad, mu.shape)")
         return "z and its gradients agree with gaussian.reparameterize and finite " \
                "differences, also with K samples per (mu, var)"
 
