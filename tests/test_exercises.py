@@ -168,7 +168,7 @@ def test_backward_without_g_shows_the_finite_difference_value(capsys):
 @pytest.mark.parametrize("backward_of, message", [
     (lambda x, g: g * sigmoid_array(x), "returned ndarray; it must return a tuple"),
     (lambda x, g: (g, g), "returned 2 gradients for 1 parents"),
-    (lambda x, g: (g.sum(axis=0),), "returned a gradient of shape (4,) for an input of shape (3, 4)"),
+    (lambda x, g: (g.sum(axis=0),), "returned a gradient of shape (4,) for x of shape (3, 4)"),
     (lambda x, g: (g * np.exp(x) / (1 + np.exp(x)),), "at x=1000: expected 1, got nan"),
 ], ids=["array not tuple", "two gradients", "wrong shape", "nan for large x"])
 def test_malformed_backward_is_explained(capsys, backward_of, message):
@@ -318,7 +318,7 @@ def test_wrong_reparameterize(capsys):
                                  (g, g * eps * 0.5 / np.sqrt(var.data)))
     assert checks.check_reparameterize(no_sum) is False
     out = capsys.readouterr().out
-    assert "returned a gradient of shape (4, 2, 3) for an input of shape (2, 3)" in out, out
+    assert "returned a gradient of shape (4, 2, 3) for mu of shape (2, 3)" in out, out
     assert "sum_to" in out
 
 

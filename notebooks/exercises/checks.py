@@ -196,7 +196,7 @@ def _finite_differences(scalar, arrays):
     return [numerical_gradient(scalar, arrays, i) for i in range(len(arrays))]
 
 
-def _op_gradients(name, op, arrays, weights):
+def _op_gradients(name, op, arrays, weights, names=None):
     """Run the student's op on leaf Tensors and backward(weights) through the engine.
 
     Returns one gradient per input (zeros where none arrived), after checking that the
@@ -222,13 +222,17 @@ def _op_gradients(name, op, arrays, weights):
         if len(grads) != len(out._parents):
             raise Wrong(f"{name}'s backward returned {len(grads)} gradients for "
                         f"{len(out._parents)} parents")
+        labels = {id(leaf): label for leaf, label in zip(leaves, names or [])}
         for parent, g in zip(out._parents, grads):
+            label = labels.get(id(parent))
             if isinstance(g, Tensor):
+                which = f"{label}.data, not the Tensor {label}" if label else \
+                    "x.data (the array), not the Tensor x"
                 raise Wrong(f"{name}'s backward returned a Tensor as a gradient; backward "
-                            f"works on arrays: use x.data (the array), not the Tensor x")
+                            f"works on arrays: use {which}")
             if g is not None and np.shape(g) != parent.shape:
                 raise Wrong(f"{name}'s backward returned a gradient of shape {np.shape(g)} "
-                            f"for an input of shape {parent.shape}",
+                            f"for {label or 'an input'} of shape {parent.shape}",
                             "a gradient has the shape of its input; where an input was "
                             "broadcast, sum the gradient back (autograd.sum_to)")
     out.backward(np.asarray(weights, dtype=np.float64).reshape(out.shape))
@@ -256,7 +260,7 @@ def _check_op_gradients(name, op, arrays, names, hint=None, elementwise=True, se
         with no_grad():
             return float((np.asarray(op(*[Tensor(a) for a in arrs]).data) * weights).sum())
 
-    analytic = _op_gradients(name, op, arrays, weights)
+    analytic = _op_gradients(name, op, arrays, weights, names)
     numeric = _finite_differences(scalar, arrays)  # (cheap: the arrays are small)
     # shown at the worst entry: the inputs, any constants, and g = dL/d(out)
     inputs = dict(zip(names, arrays), **(extra or {}), g=weights)
