@@ -70,7 +70,7 @@ def check_same_device(op, *inputs):
     """A TypeError naming ``op`` when its inputs (arrays or Tensors) are on different
     devices. CuPy does not mix with NumPy: without this check the error would come from
     inside CuPy and speak of unsupported types. Scalars (numbers, 0-d arrays) are left
-    out, and without CuPy there is nothing to check: the check costs nothing on the CPU."""
+    out; where CuPy is not installed there is nothing to mix, and the check returns at once."""
     if cupy is None:
         return
     on_gpu = set()
