@@ -70,6 +70,15 @@ def _is_array(x):
     return isinstance(x, get_array_module(x).ndarray)
 
 
+def gpu_generator():
+    """CuPy's generator with cuRAND's Philox: a counter-based generator, cheap to reseed at
+    every step, where cuRAND's default (XORWOW) sets up a state per GPU thread at each
+    reseed (bench.py B2 times both). Needs CuPy."""
+    from cupy.cuda import curand
+    import cupy
+    return cupy.random.RandomState(method=curand.CURAND_RNG_PSEUDO_PHILOX4_32_10)
+
+
 class Noise:
     """Standard-normal draws for the reparameterisation trick: reproducible and resumable.
 
@@ -92,11 +101,7 @@ class Noise:
         if xp is np:
             return self.rng.standard_normal(shape, dtype=like.dtype)
         if self._gpu_rng is None:
-            from cupy.cuda import curand  # reached only with CuPy arrays
-            # Philox, a counter-based generator, is cheap to reseed at every step; cuRAND's
-            # default (XORWOW) sets up a state per GPU thread at each reseed (bench.py B2
-            # times both)
-            self._gpu_rng = xp.random.RandomState(method=curand.CURAND_RNG_PSEUDO_PHILOX4_32_10)
+            self._gpu_rng = gpu_generator()
         if self._reseed:
             self._gpu_rng.seed(int(self.rng.integers(2 ** 62)))
             self._reseed = False

@@ -43,10 +43,7 @@ class BufferNoise:
         xp = get_array_module(like)
         self.flat = xp.empty(size, like.dtype)
         self.rng = np.random.default_rng(seed)
-        self.gpu_rng = None
-        if xp is not np:  # the generator lvae.Noise uses
-            from cupy.cuda import curand
-            self.gpu_rng = xp.random.RandomState(method=curand.CURAND_RNG_PSEUDO_PHILOX4_32_10)
+        self.gpu_rng = None if xp is np else lvae.gpu_generator()  # as lvae.Noise
         self.offset = 0
 
     def refill(self):

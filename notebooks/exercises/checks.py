@@ -18,6 +18,7 @@ lvae.py) and central finite differences (autograd.numerical_gradient). Importing
 module puts the project's root folder on ``sys.path``, so that a notebook in this
 folder can ``import checks`` and then ``from autograd import ...``.
 """
+import itertools
 import math
 import os
 import sys
@@ -361,7 +362,6 @@ def check_merge_forward(merge_forward):
 
 def _check_order(what, grads, numeric, names):
     """Wrong when the gradients are right but returned in another order than names."""
-    import itertools
     arrays = [np.asarray(g, dtype=np.float64) if isinstance(g, (np.ndarray, np.generic))
               else None for g in grads]
     if any(a is None or a.shape != n.shape for a, n in zip(arrays, numeric)):
