@@ -137,6 +137,104 @@ def kl_per_layer(metrics, path, units=None):
     return _save(fig, path)
 
 
+# ---------------------------------------------------------------- comparing runs
+
+def compare_runs(runs, path, bound_name="L_K"):
+    """The paper's comparison of model variants, from several runs, in two panels.
+
+    ``runs``: list of dicts, one per run, with ``variant`` (a name such as "LVAE+BN+WU"),
+    ``layers`` (the number of stochastic layers), ``metrics`` (the per-epoch records, as
+    for learning_curves) and ``bound`` (the final test L_K, or None if not finished).
+    Left: the train ELBO of every run against epoch, with its test ELBO where it was
+    evaluated (dots). Right: the final test bound. When the runs differ in depth, the
+    bound is drawn against depth with a line per variant (the paper's layer comparison),
+    and on the left colour is the depth and the line style the variant; when they share
+    one depth, colour is the variant and each bound is written beside its point.
+    ``bound_name`` labels the y-axis (TeX, e.g. "L_{5000}").
+    """
+    if not runs:
+        raise ValueError("runs is empty: need at least one run")
+    for run in runs:
+        missing = {"variant", "layers", "metrics", "bound"} - set(run)
+        if missing:
+            raise ValueError(f"a run lacks key(s) {sorted(missing)}; has {sorted(run)}")
+        try:
+            _check_metrics(run["metrics"], ["epoch", "train_elbo"])
+        except ValueError as e:
+            raise ValueError(f"run {run['variant']!r}, {run['layers']} layers: {e}") from None
+    variants = list(dict.fromkeys(run["variant"] for run in runs))  # in order, once each
+    depths = sorted({run["layers"] for run in runs})
+    by_depth = len(depths) > 1
+    fig, (left, right) = _subplots(1, 2, figsize=(12, 4.6), layout="constrained",
+                                   gridspec_kw={"width_ratios": [3, 2]})
+    for run in runs:
+        v = variants.index(run["variant"])
+        if by_depth:
+            color = f"C{depths.index(run['layers']) % 10}"
+            style = ["-", "--", ":", "-."][v % 4]
+            label = f"{run['variant']}, {run['layers']} layer{'s' * (run['layers'] > 1)}"
+        else:
+            color, style, label = f"C{v % 10}", "-", run["variant"]
+        metrics = run["metrics"]
+        left.plot([m["epoch"] for m in metrics], [m["train_elbo"] for m in metrics],
+                  style, color=color, lw=1.3, label=label)
+        tests = [(m["epoch"], m["test_elbo"]) for m in metrics if m.get("test_elbo") is not None]
+        if tests:
+            left.plot(*zip(*tests), "o", color=color, ms=4)
+    left.set_ylim(*_elbo_limits([run["metrics"] for run in runs]))
+    left.set_xlabel("epoch")
+    left.set_ylabel("ELBO (nats)")
+    left.set_title("train ELBO per epoch (dots: test ELBO)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8, ncol=2 if len(runs) > 6 else 1)
+
+    finished = [run for run in runs if run["bound"] is not None]
+    if not finished:
+        right.text(0.5, 0.5, "no finished run", ha="center", va="center",
+                   transform=right.transAxes)
+        right.set_axis_off()
+        return _save(fig, path)
+    if by_depth:  # the bound against depth, a line per variant
+        for v, name in enumerate(variants):
+            pts = sorted((r["layers"], r["bound"]) for r in finished if r["variant"] == name)
+            if pts:
+                right.plot(*zip(*pts), ["-", "--", ":", "-."][v % 4], marker="o",
+                           color="k" if v == 0 else "0.5", label=name)
+        right.set_xticks(depths)
+        right.set_xlabel("stochastic layers")
+        right.legend(fontsize=8)
+    else:  # one depth: a point per run, its value beside it
+        for i, run in enumerate(finished):
+            color = f"C{variants.index(run['variant']) % 10}"
+            right.plot(i, run["bound"], "o", color=color)
+            right.annotate(f"{run['bound']:.2f}", (i, run["bound"]), xytext=(6, 0),
+                           textcoords="offset points", va="center", fontsize=8)
+        right.set_xticks(range(len(finished)), [r["variant"] for r in finished],
+                         rotation=20, fontsize=8)
+        right.set_xlim(-0.5, len(finished) - 0.3)
+        right.set_xlabel(f"{depths[0]} stochastic layer{'s' * (depths[0] > 1)}")
+    right.set_ylabel(f"test ${bound_name}$ (nats)")
+    right.set_title("final test bound (higher is better)")
+    right.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _elbo_limits(all_metrics):
+    """y-limits that show the curves after their first tenth of epochs.
+
+    The first epochs' ELBOs (-200 and lower) would otherwise squash the differences of a
+    nat or two between the models that the comparison is about.
+    """
+    low, high = np.inf, -np.inf
+    for metrics in all_metrics:
+        values = [m["train_elbo"] for m in metrics]
+        values += [m["test_elbo"] for m in metrics if m.get("test_elbo") is not None]
+        later = [m["train_elbo"] for m in metrics[len(metrics) // 10:]]
+        low, high = min(low, min(later)), max(high, max(values))
+    margin = 0.05 * (high - low) + 0.1
+    return low - margin, high + margin
+
+
 # ---------------------------------------------------------------- KL per unit
 
 def kl_per_unit(kl_units, path, active_threshold=0.01, activity=None):

@@ -1,0 +1,122 @@
+"""Compare training runs the way the paper does: learning curves, and the final test bound
+of each model variant against the number of stochastic layers.
+
+    python compare.py runs/vae runs/vae-bn runs/vae-bn-wu runs/lvae --out variants.png
+    python compare.py runs/layers/* --out depth.png
+
+Each argument is a folder that train.py wrote: its ``ckpt.npz`` holds the configuration
+that names the run, ``metrics.jsonl`` one record per epoch, and ``final.json`` (once the
+run has finished) the test ELBO and L_K. The run's name is the paper's: VAE or LVAE,
+then +BN for batch normalisation and +WU for warm-up, e.g. LVAE+BN+WU.
+
+Prints a Markdown table of the runs and writes one PNG (see plots.compare_runs).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import checkpoint
+
+
+# what train.py's final.json holds when it has evaluated L_K
+FINAL_KEYS = ("test_lk", "lk_samples", "lk_images")
+
+
+class RunError(ValueError):
+    pass
+
+
+def read_run(folder):
+    """(config, metrics, final) of a run folder; final is None if the run has not finished."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RunError(f"{folder}: no such folder")
+    ckpt, metrics_path = folder / "ckpt.npz", folder / "metrics.jsonl"
+    for needed in (ckpt, metrics_path):
+        if not needed.is_file():
+            raise RunError(f"{folder} is not a training run: it has no {needed.name}")
+    config = checkpoint.read_config(str(ckpt))
+    metrics = []
+    for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                metrics.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise RunError(f"{metrics_path}, line {n}: not JSON ({e.msg})") from None
+    if not metrics:
+        raise RunError(f"{metrics_path} is empty: the run has not finished an epoch")
+    final_path, final = folder / "final.json", None
+    if final_path.is_file():
+        try:
+            final = json.loads(final_path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunError(f"{final_path}: not JSON ({e.msg})") from None
+        if not (isinstance(final, dict) and "test_elbo" in final
+                and ("test_lk" not in final or all(k in final for k in FINAL_KEYS))):
+            raise RunError(f"{final_path} is not what train.py writes: it needs test_elbo, "
+                           f"and with test_lk also {', '.join(FINAL_KEYS[1:])}")
+    return config, metrics, final
+
+
+def variant(config):
+    """The paper's name of the model a configuration trains, e.g. 'LVAE+BN+WU'."""
+    name = config["model"].upper()
+    if config["batch_norm"]:
+        name += "+BN"
+    if config["warmup"] > 0:
+        name += "+WU"
+    if config.get("iw_samples", 1) > 1:  # fine-tuned on the importance-weighted bound
+        name += f"+IW{config['iw_samples']}"
+    if config["dataset"] != "mnist":
+        name += f" ({config['dataset']})"
+    return name
+
+
+def layers(n):
+    return f"{n} stochastic layer" + "s" * (n != 1)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run folders written by train.py")
+    parser.add_argument("--out", default="compare.png", help="the PNG to write")
+    args = parser.parse_args(argv)
+
+    runs, evaluations = [], {}
+    for folder in args.runs:
+        config, metrics, final = read_run(folder)
+        bound = final.get("test_lk") if final else None
+        if bound is not None:
+            evaluations[folder] = (final["lk_samples"], final["lk_images"])
+        runs.append({"variant": variant(config), "layers": len(config["z_dims"]),
+                     "metrics": metrics, "bound": bound, "final": final or {},
+                     "folder": folder})
+
+    if len(set(evaluations.values())) > 1:
+        raise RunError("the runs' final bounds are not comparable, they differ in K or in the "
+                       "test images: " + ", ".join(f"{f}: L_{k} on {n} images"
+                                                    for f, (k, n) in evaluations.items()))
+
+    print("| run | epochs | test ELBO | test L_K | active units | folder |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for run in runs:
+        final = run["final"]
+        elbo = f"{final['test_elbo']:.2f}" if "test_elbo" in final else "not finished"
+        lk = (f"L_{final['lk_samples']} = {final['test_lk']:.2f} ({final['lk_images']} images)"
+              if "test_lk" in final else "-")
+        print(f"| {run['variant']}, {layers(run['layers'])} | {run['metrics'][-1]['epoch']} "
+              f"| {elbo} | {lk} | {final.get('active_units', '-')} | {run['folder']} |")
+
+    import plots  # matplotlib only now, once the runs have been read
+    bound = f"L_{{{next(iter(evaluations.values()))[0]}}}" if evaluations else "L_K"
+    plots.compare_runs(runs, args.out, bound_name=bound)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except ValueError as e:  # RunError, CheckpointError, plots' checks: each names its cause
+        sys.exit(f"error: {e}")

@@ -1,0 +1,113 @@
+"""Tests of compare.py (reading run folders, naming the variants, refusing bounds that
+cannot be compared) and of plots.compare_runs, on run folders made of tiny checkpoints."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import compare  # noqa: E402
+import plots  # noqa: E402
+from test_checkpoint import CONFIG, write_checkpoint  # noqa: E402
+from test_plots import assert_png, fake_metrics  # noqa: E402
+
+
+def make_run(folder, final=None, epochs=12, **config):
+    """A run folder as train.py leaves it: ckpt.npz, metrics.jsonl, maybe final.json."""
+    folder.mkdir(parents=True)
+    config = {**CONFIG, "warmup": 0, "iw_samples": 1, **config}
+    write_checkpoint(folder / "ckpt.npz", config)
+    lines = [json.dumps(m) for m in fake_metrics(epochs=epochs, eval_every=5,
+                                                 layers=len(config["z_dims"]))]
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if final is not None:
+        (folder / "final.json").write_text(json.dumps(final))
+    return str(folder)
+
+
+def final(lk, k=1000, images=2000):
+    return {"active_units": [4, 2], "test_elbo": lk - 5, "test_lk": lk, "lk_samples": k,
+            "lk_images": images}
+
+
+@pytest.mark.parametrize("config, name", [
+    ({"model": "vae", "batch_norm": False, "warmup": 0}, "VAE"),
+    ({"model": "vae", "batch_norm": True, "warmup": 0}, "VAE+BN"),
+    ({"model": "vae", "batch_norm": True, "warmup": 10}, "VAE+BN+WU"),
+    ({"model": "lvae", "batch_norm": True, "warmup": 200}, "LVAE+BN+WU"),
+    ({"model": "lvae", "batch_norm": True, "warmup": 0, "iw_samples": 10}, "LVAE+BN+IW10"),
+    ({"model": "lvae", "batch_norm": False, "warmup": 5, "dataset": "fashion_mnist"},
+     "LVAE+WU (fashion_mnist)"),
+])
+def test_variant_names_are_the_papers(config, name):
+    assert compare.variant({**CONFIG, "iw_samples": 1, **config}) == name
+
+
+def test_compare_prints_a_table_and_writes_the_figure(tmp_path, capsys):
+    runs = [make_run(tmp_path / "vae", final(-90.5), model="vae", warmup=3),
+            make_run(tmp_path / "lvae", final(-90.1), warmup=3),
+            make_run(tmp_path / "unfinished", None, epochs=4)]
+    out = tmp_path / "cmp.png"
+    assert compare.main(runs + ["--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| VAE+BN+WU, 2 stochastic layers | 12 | -95.50 | L_1000 = -90.50 (2000 images)" in table
+    assert "| LVAE+BN+WU, 2 stochastic layers | 12 | -95.10 | L_1000 = -90.10" in table
+    assert "| LVAE+BN, 2 stochastic layers | 4 | not finished | - |" in table
+    assert_png(out)
+
+
+def test_compare_over_depth(tmp_path):
+    runs = [make_run(tmp_path / f"{m}-{k}", final(-91 + k / 3), model=m, warmup=3,
+                     z_dims=(4, 2, 1)[:k], hidden=(16, 8, 4)[:k])
+            for m in ("vae", "lvae") for k in (1, 2, 3)]
+    out = tmp_path / "depth.png"
+    assert compare.main(runs + ["--out", str(out)]) == 0
+    assert_png(out)
+
+
+def test_bounds_with_different_k_or_images_are_refused(tmp_path):
+    a = make_run(tmp_path / "a", final(-90, k=1000))
+    b = make_run(tmp_path / "b", final(-89, k=5000))
+    c = make_run(tmp_path / "c", final(-89, images=10000))
+    for other in (b, c):
+        with pytest.raises(compare.RunError, match="not comparable"):
+            compare.main([a, other, "--out", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_folders_that_are_not_runs_are_named(tmp_path):
+    with pytest.raises(compare.RunError, match="no such folder"):
+        compare.read_run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(compare.RunError, match="has no ckpt.npz"):
+        compare.read_run(tmp_path / "empty")
+    run = make_run(tmp_path / "run")
+    (Path(run) / "metrics.jsonl").write_text('{"epoch": 1, "train_elbo": -100}\n{"epoch": 2,\n')
+    with pytest.raises(compare.RunError, match="metrics.jsonl, line 2: not JSON"):
+        compare.read_run(run)
+    (Path(run) / "metrics.jsonl").write_text("\n")
+    with pytest.raises(compare.RunError, match="is empty"):
+        compare.read_run(run)
+    run = make_run(tmp_path / "finished", final(-90))
+    (Path(run) / "final.json").write_text('{"test_elbo": -95, "test_lk"')
+    with pytest.raises(compare.RunError, match="final.json: not JSON"):
+        compare.read_run(run)
+    for text in ('{"test_elbo": -95, "test_lk": -90}', "-90", '{"test_lk": -90}'):
+        (Path(run) / "final.json").write_text(text)
+        with pytest.raises(compare.RunError, match="needs test_elbo, and with test_lk also"):
+            compare.read_run(run)
+
+
+def test_compare_runs_bad_inputs(tmp_path):
+    good = {"variant": "LVAE", "layers": 2, "metrics": fake_metrics(), "bound": -90.0}
+    with pytest.raises(ValueError, match="runs is empty"):
+        plots.compare_runs([], tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"lacks key\(s\) \['bound'\]"):
+        plots.compare_runs([{k: v for k, v in good.items() if k != "bound"}], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="run 'LVAE', 2 layers: metrics is empty"):
+        plots.compare_runs([{**good, "metrics": []}], tmp_path / "x.png")
+    # no finished run: the curves alone
+    assert_png(plots.compare_runs([{**good, "bound": None}], tmp_path / "curves.png"))
