@@ -103,8 +103,10 @@ def main(argv):
     for run in runs:
         final = run["final"]
         elbo = f"{final['test_elbo']:.2f}" if "test_elbo" in final else "not finished"
-        lk = (f"L_{final['lk_samples']} = {final['test_lk']:.2f} ({final['lk_images']} images)"
-              if "test_lk" in final else "-")
+        lk = "-"
+        if "test_lk" in final:  # runs from before final.json held the standard error lack it
+            error = f" +- {final['stderr']:.2f}" if "stderr" in final else ""
+            lk = f"L_{final['lk_samples']} = {final['test_lk']:.2f}{error} ({final['lk_images']} images)"
         print(f"| {run['variant']}, {layers(run['layers'])} | {run['metrics'][-1]['epoch']} "
               f"| {elbo} | {lk} | {final.get('active_units', '-')} | {run['folder']} |")
 

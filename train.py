@@ -435,10 +435,11 @@ def finalize(net, ds, test_x, noise, history):
             net, images, final_lk_samples, noise,
             progress=lambda done, total: print(f"\r  L_{final_lk_samples}: {done}/{total} images",
                                                end="", flush=True))
-        result.update(test_lk=float(bound.mean()), lk_samples=final_lk_samples,
-                      lk_images=len(images))
-        print(f"\nfinal: L_{final_lk_samples} {result['test_lk']:.2f} on {len(images)} test "
-              f"images ({time.perf_counter() - t0:.0f}s)")
+        # the standard error of the mean over images: how far another test set could move it
+        result.update(test_lk=float(bound.mean()), stderr=float(bound.std() / np.sqrt(len(bound))),
+                      lk_samples=final_lk_samples, lk_images=len(images))
+        print(f"\nfinal: L_{final_lk_samples} {result['test_lk']:.2f} +- {result['stderr']:.2f} on "
+              f"{len(images)} test images ({time.perf_counter() - t0:.0f}s)")
     with open(os.path.join(out_dir, "final.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {out_dir}/: ckpt.npz, metrics.jsonl, final.json, *.png")

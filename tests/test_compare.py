@@ -47,13 +47,13 @@ def test_variant_names_are_the_papers(config, name):
 
 
 def test_compare_prints_a_table_and_writes_the_figure(tmp_path, capsys):
-    runs = [make_run(tmp_path / "vae", final(-90.5), model="vae", warmup=3),
+    runs = [make_run(tmp_path / "vae", {**final(-90.5), "stderr": 0.21}, model="vae", warmup=3),
             make_run(tmp_path / "lvae", final(-90.1), warmup=3),
             make_run(tmp_path / "unfinished", None, epochs=4)]
     out = tmp_path / "cmp.png"
     assert compare.main(runs + ["--out", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "| VAE+BN+WU, 2 stochastic layers | 12 | -95.50 | L_1000 = -90.50 (2000 images)" in table
+    assert "| VAE+BN+WU, 2 stochastic layers | 12 | -95.50 | L_1000 = -90.50 +- 0.21 (2000 images)" in table
     assert "| LVAE+BN+WU, 2 stochastic layers | 12 | -95.10 | L_1000 = -90.10" in table
     assert "| LVAE+BN, 2 stochastic layers | 4 | not finished | - |" in table
     assert_png(out)

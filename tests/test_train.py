@@ -178,6 +178,7 @@ def test_full_run_writes_checkpoint_metrics_final_and_plots(run, tmp_path, capsy
     final = json.loads((out / "final.json").read_text())
     assert set(final) >= {"active_units", "test_elbo", "test_lk", "lk_samples", "lk_images"}
     assert final["lk_samples"] == 5 and final["lk_images"] == 20
+    assert 0 < final["stderr"] < 5  # the standard error over 20 images' bounds
     assert len(final["active_units"]) == 2
     assert all(0 <= c <= u for c, u in zip(final["active_units"], (4, 2)))
 
