@@ -150,6 +150,19 @@ def test_naive_softplus_overflows_and_says_where(capsys):
     assert "NOT DONE YET: softplus backward" in out  # waits for the forward
 
 
+@pytest.mark.parametrize("softplus_array, hint", [
+    (lambda x: np.log1p(np.exp(-np.abs(x))), "the max(x, 0) term is missing"),
+    (lambda x: np.maximum(x, 0) + np.log1p(np.exp(-x)), "use e^-|x|, not e^-x"),
+    (lambda x: np.log1p(np.exp(-x)), "the sign of x is flipped"),
+], ids=["no max term", "no abs", "sign"])
+def test_stable_softplus_mistakes_are_named(capsys, softplus_array, hint):
+    with np.errstate(all="ignore"):
+        assert checks.check_softplus(softplus_array, solution("01_softplus")["softplus"]) is False
+    out = capsys.readouterr().out
+    assert "WRONG: softplus forward: softplus_array, at x=" in out
+    assert hint in out.split("hint: ")[1], out
+
+
 def test_backward_without_g_shows_the_finite_difference_value(capsys):
     ok = checks.check_softplus(stable_softplus,
                                softplus_op(lambda x, g: (sigmoid_array(x),)))  # forgot g
@@ -215,6 +228,42 @@ def test_wrong_merge(capsys):
     assert "PASS: merge forward" in out
     assert re.search(r"WRONG GRADIENT: merge backward: for var_p, through mu_q only \(g_var = 0\), "
                      r"at .*: backward gives 0, finite differences give", out), out
+
+
+@pytest.mark.parametrize("mistake, hint", [
+    ("s_constant", "s = 1 / (var_hat + var_p) depends on var_hat too"),
+    ("var_q_constant", "the factor var_q depends on var_p too"),
+    ("other_weight", "yours is the other mean's weight"),
+    ("no_var_q_part", "this is only the part through mu_q: add g_var * d var_q / d var_p"),
+    ("zero", "your gradient for var_p is 0, but mu_q and var_q depend on var_p"),
+    ("sign", "the sign is flipped"),
+])
+def test_merge_backward_mistakes_are_named(mistake, hint, capsys):
+    """The derivations that go wrong most often each get a hint that names the mistake."""
+    ns = solution("02_merge")
+    right = ns["merge_backward"]
+
+    def wrong(g_mu, g_var, mu_hat, var_hat, mu_p, var_p):
+        d_mu_hat, d_var_hat, d_mu_p, d_var_p = right(g_mu, g_var, mu_hat, var_hat, mu_p, var_p)
+        s = 1 / (var_hat + var_p)
+        _, var_q = ns["merge_forward"](mu_hat, var_hat, mu_p, var_p)
+        if mistake == "s_constant":  # s differentiated as if it did not depend on var_hat
+            d_var_hat = g_mu * mu_p * s + g_var * var_p * s
+        elif mistake == "var_q_constant":  # the textbook form, var_q taken as a constant
+            d_var_p = -g_mu * mu_p * var_q / var_p ** 2 + g_var * var_hat ** 2 * s ** 2
+        elif mistake == "other_weight":
+            d_mu_hat = g_mu * var_hat * s
+        elif mistake == "no_var_q_part":
+            d_var_p = right(g_mu, 0 * g_var, mu_hat, var_hat, mu_p, var_p)[3]
+        elif mistake == "zero":
+            d_var_p = 0 * g_mu
+        else:
+            d_mu_p = -d_mu_p
+        return d_mu_hat, d_var_hat, d_mu_p, d_var_p
+
+    assert checks.check_merge(ns["merge_forward"], wrong) is False
+    out = capsys.readouterr().out
+    assert "WRONG GRADIENT: merge backward" in out and hint in out.split("hint: ")[1], out
 
 
 def test_wrong_kl(capsys):

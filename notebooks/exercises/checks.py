@@ -274,20 +274,43 @@ def _check_op_gradients(name, op, arrays, names, hint=None, elementwise=True, se
 # ----------------------------------------------------------------------------------
 # Exercise 1: softplus
 # ----------------------------------------------------------------------------------
+def _softplus_hint(got, x, otherwise):
+    """A hint naming the usual mistake in a stable softplus that gives ``got``, else
+    ``otherwise``."""
+    if not isinstance(got, np.ndarray) or got.dtype != np.float64 or got.shape != x.shape:
+        return otherwise  # _compare says what is wrong with it
+    with np.errstate(all="ignore"):
+        candidates = {
+            "the max(x, 0) term is missing: log(1 + e^x) = max(x, 0) + log1p(e^-|x|)":
+                np.log1p(np.exp(-np.abs(x))),
+            "use e^-|x|, not e^-x: for negative x, e^-x is large (and overflows)":
+                np.maximum(x, 0) + np.log1p(np.exp(-x)),
+            "this is softplus(-x) = log(1 + e^-x): the sign of x is flipped":
+                autograd.softplus_array(-x),
+        }
+        for hint, wrong in candidates.items():
+            if np.allclose(got, wrong, rtol=RTOL, atol=ATOL):
+                return hint
+    return otherwise
+
+
 def check_softplus(softplus_array, softplus):
     """Exercise 1: the stable forward on arrays, then the op's backward."""
     def forward():
         x = np.linspace(-6, 6, 25)
-        _compare("softplus_array", softplus_array(x.copy()), autograd.softplus_array(x),
-                 {"x": x}, hint="softplus(x) = log(1 + e^x)")
+        got = softplus_array(x.copy())
+        _compare("softplus_array", got, autograd.softplus_array(x), {"x": x},
+                 hint=_softplus_hint(got, x, "softplus(x) = log(1 + e^x)"))
         x2 = np.array([[-2.0, 0.5, 3.0], [1.0, -0.25, 0.0]])
-        _compare("softplus_array", softplus_array(x2.copy()), autograd.softplus_array(x2),
-                 {"x": x2}, hint="work elementwise, on arrays of any shape")
+        got = softplus_array(x2.copy())
+        _compare("softplus_array", got, autograd.softplus_array(x2), {"x": x2},
+                 hint=_softplus_hint(got, x2, "work elementwise, on arrays of any shape"))
         big = np.array([-1000.0, -100.0, -40.0, 40.0, 100.0, 1000.0])
         given = big.copy()
-        _compare("softplus_array", softplus_array(given), autograd.softplus_array(big),
-                 {"x": big}, hint="e^1000 overflows to inf and e^-1000 underflows to 0: "
-                 "write log(1 + e^x) as max(x, 0) + log1p(e^-|x|)")
+        got = softplus_array(given)
+        _compare("softplus_array", got, autograd.softplus_array(big), {"x": big},
+                 hint=_softplus_hint(got, big, "e^1000 overflows to inf and e^-1000 underflows "
+                                     "to 0: write log(1 + e^x) as max(x, 0) + log1p(e^-|x|)"))
         if not np.array_equal(given, big):
             raise Wrong("softplus_array changed its input x in place (e.g. x[x < 0] = 0): "
                         "the op's backward needs the original x; compute into new arrays")
@@ -377,6 +400,53 @@ def _check_order(what, grads, numeric, names):
                         status="WRONG GRADIENT")
 
 
+def _merge_gradient_hint(name, got, g_mu, g_var, mu_hat, var_hat, mu_p, var_p):
+    """A hint naming the usual mistake that gives ``got`` as the gradient for ``name``.
+
+    Each candidate below is a wrong gradient that students derive; the first one that
+    ``got`` matches names the mistake (a candidate that happens to equal the true gradient
+    for these inputs is skipped). Otherwise the general rule.
+    """
+    s = 1 / (var_hat + var_p)  # the notebook's safer form: var_q = var_hat var_p s
+    mu_q, var_q = gaussian.merge_forward(mu_hat, var_hat, mu_p, var_p)
+    if name.endswith("hat"):  # the input's own opinion, and the other one's
+        mean, var, var_label = mu_hat, var_hat, "var_hat"
+        other_mean, other_var, other_var_label = mu_p, var_p, "var_p"
+    else:
+        mean, var, var_label = mu_p, var_p, "var_p"
+        other_mean, other_var, other_var_label = mu_hat, var_hat, "var_hat"
+    if name.startswith("mu"):
+        right = g_mu * other_var * s
+        candidates = {
+            f"the weight of {name} in mu_q is var_q / {var_label} = {other_var_label} * s; "
+            f"yours is the other mean's weight": g_mu * var * s,
+            f"d mu_q / d {name} = var_q / {var_label}: the factor var_q is missing": g_mu / var,
+            f"your gradient for {name} is 0, but mu_q depends on {name}": 0 * right,
+        }
+    else:
+        d_mu, d_var = s * (other_mean - mu_q), other_var ** 2 * s ** 2  # the true partials
+        right = g_mu * d_mu + g_var * d_var
+        candidates = {
+            f"s = 1 / (var_hat + var_p) depends on {name} too (d s / d {name} = -s^2): "
+            f"differentiate var_hat var_p s and (mu_hat var_p + mu_p var_hat) s with the "
+            f"product rule": g_mu * other_mean * s + g_var * other_var * s,
+            f"in mu_q = (mu_hat/var_hat + mu_p/var_p) var_q, the factor var_q depends on "
+            f"{name} too: use the product rule":
+                g_mu * (-mean * var_q / var ** 2) + g_var * d_var,
+            # a 0 where g_mu = 0 means the part through var_q is missing, where g_var = 0
+            # the part through mu_q (or all of it): so this order of the next three
+            f"this is only the part through mu_q: add g_var * d var_q / d {name}": g_mu * d_mu,
+            f"your gradient for {name} is 0, but mu_q and var_q depend on {name}": 0 * right,
+            f"this is only the part through var_q: add g_mu * d mu_q / d {name}": g_var * d_var,
+        }
+    candidates["the sign is flipped"] = -right
+    got = np.asarray(got, dtype=np.float64)
+    for hint, wrong in candidates.items():
+        if not np.allclose(wrong, right) and np.allclose(got, wrong, rtol=1e-6, atol=1e-9):
+            return hint
+    return "the gradient for an input is g_mu * d mu_q/d input + g_var * d var_q/d input"
+
+
 def check_merge_backward(merge_backward):
     """Exercise 2b: the four gradients against finite differences of the true merge."""
     def body():
@@ -403,8 +473,7 @@ def check_merge_backward(merge_backward):
                 got = _array(f"merge_backward's gradient for {name}", got, num.shape)
                 _compare_gradient(f"for {name}, {label}", got, num,
                                   dict(inputs, g_mu=g_mu, g_var=g_var),
-                                  hint="the gradient for an input is g_mu * d mu_q/d input "
-                                  "+ g_var * d var_q/d input")
+                                  hint=_merge_gradient_hint(name, got, g_mu, g_var, *arrays))
         return "all four gradients agree with finite differences (through mu_q, var_q, both)"
     return run_part("merge backward", body)
 
