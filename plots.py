@@ -212,6 +212,10 @@ def compare_runs(runs, path, bound_name="L_K"):
         right.set_xticks(range(len(finished)), [r["variant"] for r in finished],
                          rotation=20, fontsize=8)
         right.set_xlim(-0.5, len(finished) - 0.3)
+        low, high = right.get_ylim()  # at least 1 nat tall: a 0.2 nat gap must look small
+        if high - low < 1:
+            middle = (low + high) / 2
+            right.set_ylim(middle - 0.5, middle + 0.5)
         right.set_xlabel(f"{depths[0]} stochastic layer{'s' * (depths[0] > 1)}")
     right.set_ylabel(f"test ${bound_name}$ (nats)")
     right.set_title("final test bound (higher is better)")
