@@ -248,7 +248,8 @@ def _topological_order(root):
 
 
 def tensor(data, requires_grad=False, dtype=None):
-    """Make a Tensor from an array, list or number (float32 unless dtype says otherwise)."""
+    """Make a Tensor from an array, list or number. A floating-point array keeps its dtype;
+    lists, numbers and integer arrays become float32; ``dtype`` overrides both."""
     if isinstance(data, Tensor):
         data = data.data
     xp = get_array_module(data)
@@ -284,7 +285,11 @@ def record(data, parents, backward):
 
 
 class _Slots(list):
-    """The gradients of the outputs of a multi-output op, one slot each (None: none yet)."""
+    """The gradients of the outputs of a multi-output op, one slot each (None: none yet).
+
+    A list whose + adds slot by slot: Tensor.backward sums the gradients that reach a
+    node with +, and for a plain list + would concatenate the two lists.
+    """
 
     def __add__(self, other):
         return _Slots(a if b is None else b if a is None else a + b for a, b in zip(self, other))
@@ -304,6 +309,7 @@ def record_multi(datas, parents, backward):
     n = len(outs)
     for i, out in enumerate(outs):
         out.requires_grad, out._parents = True, (joint,)
+        # i=i binds this output's index now (the closure alone would see the loop's last i)
         out._backward = lambda g, i=i: (_Slots(g if j == i else None for j in range(n)),)
     return outs
 
@@ -550,7 +556,9 @@ def logsumexp(x, axis=None, keepdims=False):
     """
     xp = get_array_module(x.data)
     m = x.data.max(axis=axis, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0)  # a row of -inf: avoid inf - inf = nan
+    # a row of all -inf: the forward gives -inf instead of inf - inf = nan (its gradient,
+    # the softmax of all -inf, is undefined and stays nan)
+    m = xp.where(xp.isfinite(m), m, 0)
     out_kept = xp.log(xp.exp(x.data - m).sum(axis=axis, keepdims=True)) + m
     out = out_kept if keepdims else out_kept.reshape(_reduced_shape(x.shape, axis))
 

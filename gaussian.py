@@ -38,7 +38,10 @@ def merge_forward(mu_hat, var_hat, mu_p, var_p):
         var_q = 1 / (1/var_hat + 1/var_p) = var_hat var_p / (var_hat + var_p)
         mu_q  = (mu_hat/var_hat + mu_p/var_p) var_q = (mu_hat var_p + mu_p var_hat) / (var_hat + var_p)
 
-    The right-hand forms divide once and stay finite for variances from 1e-8 to 1e8.
+    The right-hand forms need one reciprocal, s = 1 / (var_hat + var_p), instead of three,
+    and the backward reuses s. They also keep the right limit where a variance goes to 0
+    (mu_q -> mu_hat as var_hat -> 0), where the left-hand forms compute inf * 0; with the
+    model's variances (1e-8 and up) both forms stay finite.
     """
     s = 1 / (var_hat + var_p)
     return (mu_hat * var_p + mu_p * var_hat) * s, var_hat * var_p * s
@@ -119,8 +122,8 @@ def _reduce(grads, inputs):
 def _tensors(op, **inputs):
     """The inputs of ``op`` as Tensors. Tensors pass through; a NumPy or CuPy array
     becomes a constant (no gradient flows to it), as ``tensor()`` makes it; a number
-    becomes a constant of the dtype of the first Tensor or array (float64 if all the
-    inputs are numbers: that is what a Python float is). Anything else, or arrays on
+    becomes a constant of the dtype of the first Tensor (or, if there is none, of the
+    first array; float64 if all the inputs are numbers: that is what a Python float is). Anything else, or arrays on
     different devices (NumPy and CuPy), is a TypeError."""
     like = None
     for name, x in inputs.items():

@@ -17,10 +17,12 @@ pass through the *generative* model corrects it with the prior:
 
 where ``merge`` is the precision-weighted product of the two Gaussians (gaussian.py).
 
-Objective (both models), with beta rising from 0 to 1 during warm-up:
+Objective (both models): the evidence lower bound
 
-    ELBO = E_q[ log p(x|z_1) ] - beta * sum_i KL_i
-    KL_i = E_q[ log q(z_i|.) - log p(z_i|z_i+1) ]
+    ELBO = E_q[ log p(x|z_1) ] - sum_i KL_i,    KL_i = E_q[ log q(z_i|.) - log p(z_i|z_i+1) ]
+
+During warm-up, training maximises E_q[ log p(x|z_1) ] - beta * sum_i KL_i instead, with
+beta rising from 0 to 1; that is a lower bound on log p(x) only once beta = 1.
 
 In the LVAE each KL_i is analytic given the sample of z_i+1, because z_i+1 is drawn
 before z_i. In the VAE, z_i+1 is drawn *after* z_i (from q(z_i+1|z_i)), so for i < L
@@ -28,7 +30,12 @@ only the one-sample estimate log q(z_i|z_i-1) - log p(z_i|z_i+1) is available.
 
 The importance-weighted bound (Burda et al., 2016) with K samples z^k ~ q(z|x):
 
-    L_K = log (1/K) sum_k exp( log p(x, z^k) - log q(z^k|x) ),   L_1 = ELBO <= L_K <= log p(x)
+    L_K = log (1/K) sum_k exp( log p(x, z^k) - log q(z^k|x) )
+
+    ELBO = E[L_1] <= E[L_K] <= E[L_K+1] <= log p(x)
+
+The expectations are over the draws: one computed L_K is a random estimate of E[L_K]
+(with K = 5000 its spread is small next to the differences between models).
 """
 import contextlib
 import math
@@ -115,7 +122,7 @@ class Noise:
         self._reseed = True
 
 
-class Layers:
+class LayerResults:
     """What inference produced for each stochastic layer, index 0 = z_1 (bottom).
 
     z, mu_q, var_q, mu_p, var_p: Tensors of shape (K, B, units) (or (B, units));
@@ -145,7 +152,8 @@ def _sample(mu, var, noise, samples):
 
 
 class HierarchicalModel(Module):
-    """The generative model p(x|z_1) p(z_1|z_2) ... p(z_L) that both inference models share.
+    """The generative model p(x|z_1) p(z_1|z_2) ... p(z_L) that both inference models share:
+    the base class of LadderVAE and of HierarchicalVAE (the bottom-up baseline).
 
     x_dim: size of x; z_dims: units per stochastic layer (bottom to top); hidden: width of
     each layer's deterministic block; n_dense: dense layers per block; batch_norm: on every
@@ -236,9 +244,12 @@ class HierarchicalModel(Module):
     def forward(self, x, noise, samples=1, kl="analytic"):
         """Run inference and the generative model on a batch x of shape (B, x_dim).
 
-        samples: K posterior samples per image (a leading axis of size K everywhere);
+        samples: K posterior samples per image. z and everything computed from a sample
+        have a leading axis of size K; what depends on x alone (the bottom-up Gaussians,
+        the LVAE's top-layer q and its analytic KL, the VAE's q(z_1|x)) keeps shape
+        (B, ...) and broadcasts against it;
         kl: 'analytic' (where possible) or 'sample' (log q - log p at the sample, needed
-        for log-weights). Returns (log_px of shape (K, B), Layers).
+        for log-weights). Returns (log_px of shape (K, B), LayerResults).
         """
         x = self._check_batch(x)
         if kl not in ("analytic", "sample"):
@@ -274,7 +285,7 @@ class LadderVAE(HierarchicalModel):
             h = block(h)
             up.append(head(h))
         # top-down: the top layer's posterior is the bottom-up Gaussian itself
-        top, out = self.n_layers - 1, Layers(self.n_layers)
+        top, out = self.n_layers - 1, LayerResults(self.n_layers)
         mu_q, var_q = up[top]
         z = _sample(mu_q, var_q, noise, samples)
         out.z[top], out.mu_q[top], out.var_q[top] = z, mu_q, var_q
@@ -303,7 +314,7 @@ class HierarchicalVAE(HierarchicalModel):
                          for i in range(self.n_layers)]
 
     def infer(self, x, noise, samples, kl):
-        out, below = Layers(self.n_layers), x
+        out, below = LayerResults(self.n_layers), x
         for i, (block, head) in enumerate(zip(self.up_blocks, self.up_heads)):
             mu_q, var_q = head(block(below))
             below = _sample(mu_q, var_q, noise, samples)
@@ -440,7 +451,7 @@ def evaluation(model):
 
 
 def _evaluate(model, x, noise, samples=1, kl="analytic"):
-    """Inference on x in evaluation mode: (log_px, Layers)."""
+    """Inference on x in evaluation mode: (log_px, LayerResults)."""
     with evaluation(model):
         xb = get_array_module(model.output.weight.data).asarray(x)
         return model(xb, noise, samples=samples, kl=kl)
@@ -474,8 +485,10 @@ def active_units(model, x, noise, threshold=0.01, samples=10):
     active when A_u > threshold. Returns (list of activity arrays, list of counts).
 
     Where E_q[z_u | x] is a batch-normed head of x alone (the LVAE's top layer, the VAE's
-    z_1), its activity is about gamma^2, the head's batch-norm scale, so such a unit is
-    inactive only once training has shrunk gamma below 0.1. Elsewhere the mean mixes in
+    z_1), its activity is about gamma^2, the scale of the mean head's batch norm
+    (``mean_norm.gamma``) when the evaluation statistics match the data's (after
+    recompute_batchnorm_statistics), so such a unit is inactive only once training has
+    shrunk gamma below 0.1. Elsewhere the mean mixes in
     other layers' samples (the LVAE's merge weights mu_hat by var_p / (var_hat + var_p)),
     and a unit whose q equals its prior is inactive whatever gamma is: the collapse this
     measure detects. Early in training nearly every unit counts as active; KL per unit
