@@ -3,6 +3,7 @@
     python notebooks/build_notebooks.py                 # write the four .ipynb, without outputs
     python notebooks/build_notebooks.py --execute       # ... and run them in place (the committed run)
     python notebooks/build_notebooks.py --execute 03    # only the notebooks whose name contains 03
+    python notebooks/build_notebooks.py --text          # new markdown only, keeping the committed outputs
     LVAE_NOTEBOOK_QUICK=1 python notebooks/build_notebooks.py --execute   # tiny sizes, for a try
 
 The notebooks are generated so that their source stays clean and reviewable here; edit this
@@ -408,6 +409,19 @@ def gaussians():
 
         *Learning path:* 1 · engine → **2 · Gaussians** → 3 · training an LVAE → 4 · the hierarchy.
         """),
+        md(r"""
+        **The model in one screen.** A VAE explains an image $x$ with hidden variables $z$. The
+        *generative model* draws $z_L \sim \mathcal{N}(0, I)$, then each $z_i \sim p(z_i \mid z_{i+1})$
+        (a Gaussian whose mean and variance a network computes from $z_{i+1}$), then
+        $x \sim p(x \mid z_1)$. Since $p(z \mid x)$ cannot be computed, an *inference model*
+        $q(z \mid x)$ (diagonal Gaussians from another network) approximates it, and training
+        maximises the evidence lower bound
+        $\mathrm{ELBO}(x) = \mathbb{E}_q[\log p(x \mid z_1)] - \sum_i \mathrm{KL}_i \le \log p(x)$.
+        The *bottom-up VAE* samples $q(z_1 \mid x)$, then $q(z_2 \mid z_1)$, and so on upwards. The
+        *Ladder VAE* first computes a Gaussian "likelihood term" for every layer bottom-up from
+        $x$, then samples top-down and combines each term with the prior $p(z_i \mid z_{i+1})$.
+        Notebook 3 builds all of this; this notebook covers the Gaussian operations it needs.
+        """),
         code(SETUP),
         code(PLOTTING, '''
         from autograd import Tensor, tensor, check_gradients, concatenate
@@ -475,7 +489,9 @@ def gaussians():
         * the **prior** $p(z_i \mid z_{i+1}) = \mathcal{N}(\mu_{p,i}, \sigma^2_{p,i})$ from the
           generative model, top-down.
 
-        The posterior is their product, renormalised. Multiply the densities and complete the
+        The LVAE *defines* its approximate posterior $q(z_i \mid \cdot)$ as their product,
+        renormalised (exact Bayes if the likelihood term were the true likelihood of $z_i$; it is
+        a learnt stand-in). Multiply the densities and complete the
         square in the exponent: precisions ($1/\sigma^2$) add, and the mean is the
         precision-weighted average,
 
@@ -544,8 +560,8 @@ def gaussians():
         plt.tight_layout(); plt.show()
         '''),
         md(r"""
-        `merge` is one autograd op with a hand-written backward pass (the derivatives are in its
-        docstring). As every op, it is checked against finite differences, both outputs at once:
+        `merge` is one autograd op with a hand-written backward pass (the derivatives are in the
+        docstring of `gaussian.merge_backward`). As every op, it is checked against finite differences, both outputs at once:
         """),
         code('''
         def merged(mu_hat, var_hat, mu_p, var_p):
@@ -872,9 +888,11 @@ def training():
         to use them. **Deterministic warm-up** trains on
 
         $$\mathbb{E}_q\big[\log p(x\mid z_1)\big] - \beta \sum_i \mathrm{KL}_i,\qquad
-        \beta = \min(1,\ \text{epoch}/N_t),$$
+        \beta = \min\big(1,\ (\text{epoch} - 1)/N_t\big),$$
 
-        so that units are free at first and become costly gradually. `lvae.elbo(net, x, noise, beta)`
+        with epochs numbered from 1 as printed below and $\beta$ constant within an epoch: the
+        first epoch trains with $\beta = 0$, no KL penalty at all. Units are free at first and
+        become costly gradually. `lvae.elbo(net, x, noise, beta)`
         returns this objective (a Tensor to maximise) and the terms at $\beta = 1$. The loop
         below is `train.py`'s, without the checkpoints.
         """),
@@ -890,6 +908,11 @@ def training():
         Train ELBO is averaged over each epoch's batches (with the epoch's $\beta$ in the KL
         weight of the *objective*, but reported at $\beta = 1$); test ELBO is measured at the end
         of each epoch in evaluation mode. The figures come from [`plots.py`](../plots.py).
+
+        Test is *above* train here, and that is not a bug: the train ELBO averages the whole
+        epoch, during which the model was still improving, and is computed with training-mode
+        batch norm on freshly binarised images, while the test ELBO uses the end-of-epoch
+        weights in evaluation mode.
         """),
         code('''
         show(plots.learning_curves(history_wu, FIGURES / "learning_curves.png"))
@@ -919,6 +942,9 @@ def training():
         The ELBO is a bound; the importance-weighted bound
         $L_K = \mathbb{E}\big[\log \frac1K \sum_k p(x, z^k)/q(z^k\mid x)\big]$ with $K$ posterior
         samples is tighter and approaches $\log p(x)$ as $K$ grows (the paper reports $L_{5000}$).
+        Below, $L_K$ is computed on the first 500 test images (it costs $K$ passes per image) and
+        the ELBO on all the test images loaded above; both are Monte Carlo estimates, so other
+        noise would move them by a few tenths of a nat.
         """),
         code('''
         n_lk = min(500, N_TEST)
@@ -972,13 +998,17 @@ def training():
                   + " ".join(f"{k.sum():5.2f}" for k in kl_units) + f", active units {active}")
         '''),
         md(r"""
-        With warm-up, the KL of every layer first **grows** while $\beta$ is small (encoding is
-        nearly free, so the model spreads information over many units), and is then squeezed as
+        With warm-up, $\beta = 0$ during the whole first epoch: encoding costs nothing, and the
+        KL of the lower layers **grows** (z1 from about 30 to 50 nats) while z5's stays near its
+        initial 2.5. As soon as $\beta > 0$ the KLs are squeezed, more and more as
         $\beta \to 1$; without warm-up the KL is held down from the first step. After a few
         epochs the two runs differ by a few nats per layer at most, and in a run this short
         warm-up need not give the better ELBO: its purpose is the long run, keeping units
         alive until the decoder has learnt to use them (the paper warms up for 200 epochs).
-        The per-unit picture of the warm-up run:
+        A unit counts as *active* (Burda et al.) when its posterior mean varies across images:
+        $\mathrm{Var}_x(\mathbb{E}_q[z_u \mid x]) > 0.01$. After a few epochs nearly every unit
+        passes this test in both runs, for a reason notebook 4 explains (batch norm on the
+        means); the KL per unit says more. The per-unit picture of the warm-up run:
         """),
         code('''
         noise_ = lvae.Noise(9)
@@ -1145,8 +1175,8 @@ def hierarchy():
         md(r"""
         ### Why (almost) every unit counts as active here
 
-        Every Gaussian head has batch normalisation on its mean: $\mu = \gamma\,\hat{h} + \beta$,
-        where $\hat{h}$ has unit variance over the data. So the activity of a unit whose mean is
+        Every Gaussian head has batch normalisation on its mean: $\mu = \gamma\,\hat{h} + b$
+        (scale $\gamma$, shift $b$), where $\hat{h}$ has unit variance over the data. So the activity of a unit whose mean is
         the head's output is about $\gamma^2$, whatever the unit encodes, and a unit becomes
         "inactive" only once training has shrunk its $\gamma$ below $0.1$. (In the VAE the
         posterior mean of an upper layer is averaged over samples of the layer below, which
@@ -1279,17 +1309,21 @@ def hierarchy():
           whose numbers differ from these only by floating-point rounding (OpenBLAS's thread
           count, for one, changes it) amplified over 1,880 steps, had 4.97 vs 5.06 nats.
         * The larger differences are elsewhere: the LVAE puts more information into $z_1$ (14.5
-          vs 12.4 nats), the VAE into $z_2$ (8.6 vs 5.0); and in the generative model the LVAE's
-          top layer controls the most (pixel spread 0.099 when $z_5$ varies, against 0.078 for
-          the VAE): in the samples above, varying the LVAE's $z_5$ or $z_4$ changes which digit
-          is drawn while its lower layers change the style, whereas in the VAE $z_2..z_5$ all
-          change the digit. That fits the paper's picture of the LVAE using its top layers for
-          global structure, but it is one run of each model.
+          vs 12.4 nats), the VAE into $z_2$ (8.6 vs 5.0). Averaged over 20 settings of the
+          other layers (the table above), varying the LVAE's $z_5$ moves the pixels more than
+          varying the VAE's (0.099 vs 0.078), and in both models the top layer moves them most.
+          The single setting in the figure is noisier (there the VAE's $z_5$ row moves the
+          pixels slightly more, 0.074 vs 0.068): in it the LVAE's $z_5$, $z_4$ and also $z_2$ rows
+          change the digit, while its $z_3$ and $z_1$ rows keep the same 4 and change its style;
+          in the VAE every row but $z_1$ changes the digit. That leans towards the paper's
+          picture of the LVAE using its top layers for global structure, but it is one run of
+          each model.
 
-        Why no collapse: the collapse the paper reports develops over hundreds of epochs (2000,
-        with a 200-epoch warm-up). Batch norm on the Gaussian heads keeps every unit's activity
-        near $\gamma^2 \approx 1$ until training slowly shrinks $\gamma$, and warm-up deliberately
-        keeps units alive early on. In exploratory runs of the same code (not part of this
+        Why no collapse here: with batch norm and warm-up (this notebook's recipe), any collapse
+        develops only over hundreds of epochs (the paper trains 2000, with a 200-epoch warm-up).
+        Batch norm keeps the activity of a unit whose posterior mean is a batch-normed head's
+        output near $\gamma^2$ (here mostly 0.3 to 3) until training slowly shrinks $\gamma$, and
+        warm-up deliberately keeps units alive early on. In exploratory runs of the same code (not part of this
         notebook) with batch norm: 10 epochs with warm-up over 0, 5 or 10 epochs, 15 epochs, and
         60 epochs on half of MNIST (the steps of 30 full epochs), every unit but at most one of
         $z_5$ stayed active in both models, and the upper layers' KL did not differ consistently.
@@ -1299,8 +1333,8 @@ def hierarchy():
         VAE kept 18/0/0/0/0 and the LVAE 64/20/1/0/0.
 
         Measured since with `train.py` on the whole training set (README › Results; the logs
-        are in `bench/results/`). At 30 epochs with a 10-epoch warm-up, the plain VAE (no batch
-        norm, no warm-up) collapses: from the second epoch its $z_2..z_5$ carry 0.00-0.01 nats,
+        are in `bench/results/`). In the 30-epoch runs (a 10-epoch warm-up for the +WU
+        variants), the plain VAE (no batch norm, no warm-up) collapses: from the second epoch its $z_2..z_5$ carry 0.00-0.01 nats,
         and 12/0/0/0/0 units are active. VAE+BN, VAE+BN+WU and LVAE+BN+WU keep nearly all their
         units. $L_{1000}$ ranks them in the paper's order VAE < VAE+BN < VAE+BN+WU ($-92.07$,
         $-86.92$, $-86.07$), while LVAE+BN+WU ($-86.16$) ties VAE+BN+WU. At 200 epochs with the
@@ -1342,14 +1376,46 @@ def execute(nb, timeout=1800):
     return nb
 
 
+def with_new_text(name):
+    """The committed notebook with this file's markdown, its code cells and outputs kept.
+
+    For edits of the prose only: the committed outputs stay those of the real run. A code
+    cell that differs from this file's, or one added or removed, is an error: that needs
+    --execute. Markdown cells may be added (not removed).
+    """
+    committed = nbformat.read(str(HERE / name), as_version=4)
+    old, cells, j = committed.cells, [], 0
+    for cell in build(name).cells:
+        if cell.cell_type == "markdown":
+            if j < len(old) and old[j].cell_type == "markdown":
+                old[j].source = cell.source
+                cell, j = old[j], j + 1
+            cells.append(cell)
+            continue
+        if not (j < len(old) and old[j].cell_type == "code" and old[j].source == cell.source):
+            sys.exit(f"{name}: code cell {len(cells)} differs from the committed one (or a cell "
+                     f"was removed): run with --execute instead of --text")
+        cells.append(old[j])
+        j += 1
+    if j != len(old):
+        sys.exit(f"{name}: the committed notebook has cells this file no longer makes: "
+                 f"run with --execute instead of --text")
+    committed.cells = cells
+    return committed
+
+
 def main(argv):
     run = "--execute" in argv
+    text_only = "--text" in argv
     wanted = [a for a in argv if not a.startswith("--")]
     for name in NOTEBOOKS:
         if wanted and not any(w in name for w in wanted):
             continue
-        nb = build(name)
-        if run:
+        if text_only:
+            nb = with_new_text(name)
+        else:
+            nb = build(name)
+        if run and not text_only:
             t0 = time.perf_counter()
             execute(nb)
             print(f"{name}: executed in {time.perf_counter() - t0:.0f} s", flush=True)

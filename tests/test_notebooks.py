@@ -109,18 +109,57 @@ def test_committed_notebook_has_the_outputs_of_a_full_run(name):
     assert size < MAX_BYTES, f"{name} is {size:,} bytes; keep it under {MAX_BYTES:,} (lower dpi)"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_committed_notebook_matches_its_generator(name):
-    """The .ipynb are written by notebooks/build_notebooks.py: an edit of one without the
-    other (or a hand edit of a notebook) shows up here."""
+def _builder():
     _import_or_skip("nbformat", "building the notebooks")
     sys.path.insert(0, NOTEBOOK_DIR)
     try:
         import build_notebooks
     finally:
         sys.path.remove(NOTEBOOK_DIR)
+    return build_notebooks
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebook_matches_its_generator(name):
+    """The .ipynb are written by notebooks/build_notebooks.py: an edit of one without the
+    other (or a hand edit of a notebook) shows up here."""
+    build_notebooks = _builder()
     expected = [(c["cell_type"], c["source"]) for c in build_notebooks.build(name).cells]
     committed = [(c["cell_type"], "".join(c["source"])) for c in _load_json(name)["cells"]]
     assert committed == expected, \
         f"{name} differs from what notebooks/build_notebooks.py generates: run " \
         f"`python notebooks/build_notebooks.py --execute {name[:2]}` and commit the result"
+
+
+def test_text_only_rebuild_keeps_outputs_and_refuses_changed_code(monkeypatch):
+    """--text: new prose into the committed notebook, outputs kept; changed code refused."""
+    build_notebooks = _builder()
+    name = "02_gaussians.ipynb"
+    committed = build_notebooks.nbformat.read(_path(name), as_version=4)
+    real_build = build_notebooks.build
+
+    def build_with(edit):
+        def build(n):
+            nb = real_build(n)
+            edit(nb.cells)
+            return nb
+        monkeypatch.setattr(build_notebooks, "build", build)
+
+    def new_prose(cells):
+        first_md = next(c for c in cells if c.cell_type == "markdown")
+        first_md.source += "\n\nA new sentence."
+        cells.insert(1, build_notebooks.md("A new cell."))
+    build_with(new_prose)
+    nb = build_notebooks.with_new_text(name)
+    assert len(nb.cells) == len(committed.cells) + 1
+    assert nb.cells[0].source.endswith("A new sentence.") and nb.cells[1].source == "A new cell."
+    old_code = [c for c in committed.cells if c.cell_type == "code"]
+    new_code = [c for c in nb.cells if c.cell_type == "code"]
+    assert old_code and [c.outputs for c in old_code] == [c.outputs for c in new_code]
+
+    def changed_code(cells):
+        cell = next(c for c in cells if c.cell_type == "code")
+        cell.source += "\nx = 1"
+    build_with(changed_code)
+    with pytest.raises(SystemExit, match="differs from the committed one"):
+        build_notebooks.with_new_text(name)
