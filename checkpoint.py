@@ -37,10 +37,19 @@ def save(path, model, optimizer, noise, config, history, progress):
     meta = {"format": FORMAT, "config": config, "noise_rng": noise.get_state(),
             "history": history, **progress}
     arrays["meta"] = np.array(json.dumps(meta))
+    _write_atomically(path, lambda f: np.savez(f, **arrays), "wb")
+
+
+def _write_atomically(path, write, mode="w"):
+    """Call write(file) on ``path + '.tmp'``, flush it to disk, then rename it over ``path``.
+
+    Readers see the old file or the new one, never half of one. (The rename itself reaches
+    the disk when the folder's entry is written: a power cut just after it may still show
+    the old file, which is the old checkpoint, not a damaged one.)"""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -186,8 +195,9 @@ def read_config(path):
 
 def write_metrics(path, history):
     """Rewrite the metrics file, one JSON object per epoch (atomically, like checkpoints)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for record in history:
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    _write_atomically(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in history))
+
+
+def write_json(path, obj):
+    """Write ``obj`` as an indented JSON file, atomically (e.g. final.json)."""
+    _write_atomically(path, lambda f: json.dump(obj, f, indent=1))

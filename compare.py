@@ -64,7 +64,7 @@ def variant(config):
     name = config["model"].upper()
     if config["batch_norm"]:
         name += "+BN"
-    if config["warmup"] > 0:
+    if config.get("warmup", 0) > 0:
         name += "+WU"
     if config.get("iw_samples", 1) > 1:  # fine-tuned on the importance-weighted bound
         name += f"+IW{config['iw_samples']}"

@@ -241,7 +241,10 @@ def _verified_mnist_bytes(folder, name):
     if path is None:
         raise DataError(f"{Path(folder) / name}[.gz]: file not found; "
                         f"{_mnist_advice(folder, name)}")
-    blob = path.read_bytes()
+    try:
+        blob = path.read_bytes()
+    except OSError as e:  # e.g. no permission to read it
+        raise DataError(f"{path}: cannot read ({e})") from None
     if path.suffix == ".gz" and _sha256(blob) == MNIST_SHA256[name + ".gz"]:
         return path, gzip.decompress(blob)  # the shipped file, byte for byte
     try:
@@ -286,8 +289,9 @@ def load_fashion_mnist(root=None):
     """Load Fashion-MNIST (60000 train / 10000 test, same format as MNIST).
 
     Looks in ``root`` if given; otherwise in ``$LVAE_DATA/fashion-mnist``,
-    ``./data/fashion-mnist``, and where Debian's ``dataset-fashion-mnist``
-    package installs it (/usr/share/datasets/fashion-mnist).  The first folder
+    ``./data/fashion-mnist``, the repository's ``data/fashion-mnist``, and where
+    Debian's ``dataset-fashion-mnist`` package installs it
+    (/usr/share/datasets/fashion-mnist).  The first folder
     that holds all four IDX files (raw or .gz) is used.
     """
     folders = [Path(root)] if root is not None else _fashion_mnist_candidates()

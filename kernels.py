@@ -19,7 +19,8 @@ operands from GPU memory and writing a temporary array; the fused kernel reads e
 input once, keeps the intermediates (s, s^2, the mean difference) in registers and
 writes each gradient once.
 
-Each kernel body is a module-level string of plain C: arithmetic, log and `(T)` casts,
+Each kernel body is a module-level string of plain C (arithmetic, ?:, the C maths
+functions log, exp, log1p, sqrt, fabs and tanh, and `(T)` casts),
 where T is CuPy's type placeholder (float or double, taken from the arrays), so one body
 serves float32 and float64 and float literals are cast to T (no silent double maths in
 float32). tests/test_kernels.py and tests/test_kernel_bodies.py compile the same strings

@@ -70,7 +70,8 @@ def learning_curves(metrics, path):
     """Train ELBO, test ELBO and test L_K (all in nats) against epoch.
 
     ``metrics``: list of dicts with ``epoch`` and ``train_elbo``; evaluation epochs
-    also carry ``test_elbo``, ``test_lk`` and ``lk_samples`` (the K of L_K). Missing
+    also carry ``test_elbo``, ``test_lk``, ``lk_samples`` (the K of L_K) and
+    ``lk_images`` (how many test images; older runs lack it). Missing
     or None test values are skipped; sparse test points are drawn with markers.
     """
     _check_metrics(metrics, ["epoch", "train_elbo"])
@@ -90,7 +91,9 @@ def learning_curves(metrics, path):
         ks = {m.get("lk_samples") for m in metrics if m.get("test_lk") is not None}
         ks.discard(None)
         k = "/".join(str(v) for v in sorted(ks)) if ks else "K"
-        ax.plot(x, y, "s-", ms=4, label=f"test $L_{{{k}}}$ (K={k})")
+        images = {m.get("lk_images") for m in metrics if m.get("test_lk") is not None}
+        on = f", {images.pop()} images" if len(images) == 1 and None not in images else ""
+        ax.plot(x, y, "s-", ms=4, label=f"test $L_{{{k}}}$ (K={k}{on})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats")
     ax.set_title("Learning curves (higher is better)")

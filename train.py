@@ -1,7 +1,8 @@
 """Train a Ladder VAE (or the bottom-up hierarchical VAE) on dynamically binarised MNIST.
 
     python train.py                                   # the paper's recipe (2000 epochs)
-    python train.py --epochs=10 --warmup=5            # a short run (minutes on a CPU)
+    python train.py --epochs=10 --warmup=5 --final_lk_samples=1000 --final_lk_images=2000
+                                                      # a short run (minutes on a CPU)
     python train.py --model=vae --out_dir=runs/vae    # the baseline
     python train.py --iw_samples=10 --warmup=0 --lr=2e-4 --epochs=10 \
         --init_from=runs/lvae/ckpt.npz --out_dir=runs/lvae-iw   # IW fine-tuning, a new out_dir
@@ -10,12 +11,12 @@
 Configuration: the plain values below; override any with --key=value (the type must
 match the default's; unknown keys are an error). Running again with the same out_dir
 resumes from its checkpoint, exactly where it stopped (Ctrl-C or `kill` saves before exiting); the
-architecture must stay the same, and a change of any other option (a longer --epochs, a
-new --lr) is printed when the run resumes. The paper's code also clips the gradient
+architecture must stay the same, and so must --init_from (a fine-tuning run needs its own
+out_dir) and, in the middle of an epoch, --batch_size; a change of any other option (a
+longer --epochs, a new --lr) is printed when the run resumes. The paper's code also clips the gradient
 norm; here that is off unless --clip_norm is set.
 """
 import contextlib
-import json
 import math
 import os
 import signal
@@ -96,7 +97,7 @@ class ConfigError(ValueError):
 
 # options that must be >= 1, and options that must be >= 0
 POSITIVE = ("epochs", "batch_size", "iw_samples", "n_dense")
-NON_NEGATIVE = ("warmup", "clip_norm", "eval_interval", "eval_lk_samples", "eval_lk_images",
+NON_NEGATIVE = ("warmup", "eval_interval", "eval_lk_samples", "eval_lk_images",
                 "final_lk_samples", "final_lk_images", "seed", "log_interval")
 
 
@@ -108,8 +109,17 @@ def validate_config(config):
     for key in NON_NEGATIVE:
         if config[key] < 0:
             raise ConfigError(f"--{key} must be >= 0, got {config[key]}")
-    if not config["lr"] >= 0:  # 0 freezes the weights (only batch-norm statistics move)
-        raise ConfigError(f"--lr must be >= 0, got {config['lr']}")
+    for key in ("lr", "clip_norm"):  # lr 0 freezes the weights (batch-norm statistics still move)
+        if not (math.isfinite(config[key]) and config[key] >= 0):
+            raise ConfigError(f"--{key} must be a finite number >= 0, got {config[key]}")
+    for key in ("z_dims", "hidden"):
+        if not config[key] or min(config[key]) < 1:
+            example = {"z_dims": "64,32,16,8,4", "hidden": "512,256,128,64,32"}[key]
+            raise ConfigError(f"--{key} must list one size >= 1 per stochastic layer, e.g. "
+                              f"--{key}={example}; got {config[key]}")
+    if len(config["z_dims"]) != len(config["hidden"]):
+        raise ConfigError(f"--z_dims has {len(config['z_dims'])} layers and --hidden "
+                          f"{len(config['hidden'])}: give one hidden width per stochastic layer")
     if config["model"] not in lvae.MODELS:
         raise ConfigError(f"unknown model {config['model']!r}: choose one of {sorted(lvae.MODELS)}")
     if config["iw_samples"] > 1 and config["warmup"] > 0:
@@ -119,7 +129,7 @@ def validate_config(config):
         raise ConfigError("--out_dir must name a folder")
     if os.path.exists(config["out_dir"]) and not os.path.isdir(config["out_dir"]):
         raise ConfigError(f"--out_dir={config['out_dir']} is a file, not a folder")
-    if config["warmup"] > config["epochs"]:
+    if config["warmup"] >= config["epochs"]:  # beta of the last epoch: (epochs - 1) / warmup
         print(f"note: --warmup={config['warmup']} is longer than --epochs={config['epochs']}: "
               f"beta only reaches {(config['epochs'] - 1) / config['warmup']:.2f}")
 
@@ -135,6 +145,8 @@ def check_resume(saved, config, step):
         return tuple(v) if isinstance(v, list) else v
     changed = {k: (norm(saved[k]), config[k]) for k in config
                if k in saved and norm(saved[k]) != config[k] and k not in _ANY_ON_RESUME}
+    if changed.get("init_from", ("", ""))[1] == "":  # resuming: the weights are the checkpoint's
+        changed.pop("init_from", None)
     if "init_from" in changed:
         old, new = changed["init_from"]
         raise ConfigError(
@@ -172,30 +184,50 @@ def _as_floats(terms):
     return float(terms["log_px"]), float(terms["elbo"]), [float(k) for k in terms["kl"]]
 
 
-def check_finite(pending, where, ckpt_path, locate=None):
-    """Stop with a message naming the term that is NaN or inf, if one is, and where it
-    first appeared (``locate()``: a description from re-running the step, see
-    locate_nonfinite), and saying what is kept."""
-    for index, (terms, n) in enumerate(pending):
+def check_finite(pending, ckpt_path, locate=None):
+    """Stop with a message naming the term that is NaN or inf, if one is, the step that
+    made it, and where it first appeared (``locate()``: a description from re-running the
+    latest step, see locate_nonfinite), and saying what is kept.
+
+    ``pending``: (terms, batch size, "epoch E, step S") of the steps not yet checked: on a
+    GPU the terms are read back every log_interval steps, so there may be several."""
+    for index, (terms, n, where) in enumerate(pending):
         log_px, elbo_value, kls = _as_floats(terms)
         # keep the numbers read back (from a GPU, each is a copy): add_terms reads them again
-        pending[index] = ({"log_px": log_px, "elbo": elbo_value, "kl": kls}, n)
+        pending[index] = ({"log_px": log_px, "elbo": elbo_value, "kl": kls}, n, where)
         named = [("the reconstruction term log p(x|z1)", log_px),
                  *((f"the KL term of layer z{i + 1}", k) for i, k in enumerate(kls))]
         bad = [name for name, v in named if not math.isfinite(v)]
         if bad:
-            found = f"; {locate()}" if locate else ""
+            if index == len(pending) - 1:  # the latest step: its forward pass can be re-run
+                found = f"; {locate()}" if locate else ""
+            else:
+                found = (f"; found {len(pending) - 1 - index} step(s) later, when the terms were "
+                         f"read back from the GPU (every --log_interval steps)")
             kept = (f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path)
                     else "nothing was saved yet")
             raise FloatingPointError(f"{where}: {bad[0]} became NaN or inf{found}. Stopped: {kept}. "
                                      f"Try a lower --lr or set --clip_norm.")
 
 
-def add_terms(sums, pending, where, ckpt_path):
+def check_weights_finite(net, where, ckpt_path):
+    """Stop before saving weights that hold NaN or inf: they would replace the last good
+    checkpoint with one that cannot be resumed. (The terms are checked before every
+    update; this catches an update that itself made a weight NaN, e.g. the last of an
+    epoch, whose result no forward pass has seen yet.)"""
+    for name, tensor in net.named_tensors():
+        if not bool(get_array_module(tensor.data).isfinite(tensor.data).all()):
+            kept = (f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path)
+                    else "nothing was saved yet")
+            raise FloatingPointError(f"{where}: the update made {name} NaN or inf. Stopped "
+                                     f"before saving: {kept}. Try a lower --lr or set --clip_norm.")
+
+
+def add_terms(sums, pending, ckpt_path):
     """Add the pending per-step terms to the epoch's sums (as Python floats), after
     checking them (check_finite)."""
-    check_finite(pending, where, ckpt_path)
-    for terms, n in pending:
+    check_finite(pending, ckpt_path)
+    for terms, n, _ in pending:
         log_px, elbo_value, kls = _as_floats(terms)
         sums["elbo"] += elbo_value * n
         sums["log_px"] += log_px * n
@@ -255,6 +287,13 @@ def deferred_interrupt():
         signal.raise_signal(s)  # delivered now (the handler raises KeyboardInterrupt)
 
 
+def progress_text(epoch, step):
+    """Where a checkpoint stands, numbered as the progress lines are (epochs from 1)."""
+    if step:
+        return f"epoch {epoch + 1}, after step {step}"
+    return f"the end of epoch {epoch}" if epoch else "the start"
+
+
 def epoch_on_device(batches, device):
     """Every batch of an epoch, moved to the device in one copy (a list of views).
 
@@ -298,8 +337,11 @@ def main(argv):
     history = []
     if os.path.exists(ckpt_path):
         state, history = checkpoint.load(ckpt_path, net, optimizer, noise, config)
-        print(f"resuming from {ckpt_path}: epoch {state['epoch']}, step {state['step']}")
+        print(f"resuming from {ckpt_path}: {progress_text(state['epoch'], state['step'])}")
         check_resume(checkpoint.read_config(ckpt_path), config, state["step"])
+        # the checkpoint's history is the truth: a stop between writing it and the metrics
+        # file would otherwise leave the file an epoch short
+        checkpoint.write_metrics(metrics_path, history)
     elif init_from:
         checkpoint.load_weights(init_from, net)
         print(f"initialised weights from {init_from}")
@@ -307,6 +349,7 @@ def main(argv):
           f"{ds.train_x.shape[0]} train / {ds.test_x.shape[0]} test, device {device}")
 
     def save(epoch, step, sums, epoch_rng_state):
+        check_weights_finite(net, f"epoch {epoch + 1 if step else epoch}", ckpt_path)
         checkpoint.save(ckpt_path, net, optimizer, noise, config, history,
                         {"epoch": epoch, "step": step, "sums": sums, "data_rng": epoch_rng_state})
 
@@ -333,25 +376,25 @@ def main(argv):
                     noise_state = noise.get_state()  # to replay this step if it goes wrong
                     xb = to_device(batch, device)
                     objective, terms = training_objective(net, xb, noise, beta)
-                    pending.append((terms, len(batch)))
+                    pending.append((terms, len(batch), f"epoch {epoch + 1}, step {step + 1}"))
                     # reading numbers back from a GPU waits for it: there, every log_interval steps
                     read_back = device == "cpu" or (step + 1) % (log_interval or 50) == 0
-                    where = f"epoch {epoch + 1}, step {step + 1}"
                     if read_back:  # before the update, while the weights that made a NaN are intact
-                        check_finite(pending, where, ckpt_path,
+                        check_finite(pending, ckpt_path,
                                      lambda: locate_nonfinite(net, xb, noise, noise_state, beta))
                     optimizer.zero_grad()
                     (-objective).backward()
                     optimizer.step()
                     if read_back:
-                        add_terms(sums, pending, where, ckpt_path)
+                        add_terms(sums, pending, ckpt_path)
                     state = {"epoch": epoch, "step": step + 1, "sums": sums, "pending": pending}
                 if log_interval and (step + 1) % log_interval == 0:
                     rate = (time.perf_counter() - t0) / (step + 1 - first_step)
                     print(f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch}: train elbo "
                           f"{sums['elbo'] / sums['n']:.2f} ({rate * 1000:.1f} ms/step)", flush=True)
             with deferred_interrupt():
-                add_terms(sums, pending, f"epoch {epoch + 1}", ckpt_path)
+                add_terms(sums, pending, ckpt_path)
+                check_weights_finite(net, f"epoch {epoch + 1}", ckpt_path)  # before evaluating
             # an epoch resumed after Ctrl-C also counts the time spent on it before the stop
             seconds = sums.get("seconds", 0.0) + time.perf_counter() - t0
             epoch += 1
@@ -371,6 +414,7 @@ def main(argv):
                     record["test_lk"] = float(lvae.log_likelihood_bound(
                         net, lk_images, eval_lk_samples, lvae.Noise(seed + 5)).mean())
                     record["lk_samples"] = eval_lk_samples
+                    record["lk_images"] = len(lk_images)
                     line += f", L_{eval_lk_samples} {record['test_lk']:.2f} ({len(lk_images)} images)"
             print(line, flush=True)
             with deferred_interrupt():  # a Ctrl-C here would leave the epoch done but unsaved
@@ -381,7 +425,7 @@ def main(argv):
                          "data_rng": data_rng.bit_generator.state}
     except KeyboardInterrupt:
         if "pending" in state:  # steps were done since the last save
-            add_terms(state["sums"], state["pending"], f"epoch {state['epoch'] + 1}", ckpt_path)
+            add_terms(state["sums"], state["pending"], ckpt_path)
             state["sums"]["seconds"] = state["sums"].get("seconds", 0.0) + time.perf_counter() - t0
             # stopped during the end-of-epoch evaluation: the epoch is recorded on resuming
             del history[state["epoch"]:]
@@ -392,8 +436,8 @@ def main(argv):
                         else "nothing saved yet")
                 print(f"\ninterrupted, and the checkpoint could not be written ({e!r}): {kept}")
                 return 1
-        where = (f"{ckpt_path} holds epoch {state['epoch']}, step {state['step']}; run the same "
-                 f"command again to resume" if os.path.exists(ckpt_path) else "nothing saved yet")
+        where = (f"{ckpt_path} holds {progress_text(state['epoch'], state['step'])}; run the "
+                 f"same command again to resume" if os.path.exists(ckpt_path) else "nothing saved yet")
         print(f"\ninterrupted: {where}")
         return 1
     try:
@@ -440,8 +484,7 @@ def finalize(net, ds, test_x, noise, history):
                       lk_samples=final_lk_samples, lk_images=len(images))
         print(f"\nfinal: L_{final_lk_samples} {result['test_lk']:.2f} +- {result['stderr']:.2f} on "
               f"{len(images)} test images ({time.perf_counter() - t0:.0f}s)")
-    with open(os.path.join(out_dir, "final.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    checkpoint.write_json(os.path.join(out_dir, "final.json"), result)
     print(f"wrote {out_dir}/: ckpt.npz, metrics.jsonl, final.json, *.png")
 
 
@@ -452,3 +495,7 @@ if __name__ == "__main__":
     except (ConfigError, checkpoint.CheckpointError, data.DataError, FloatingPointError) as e:
         # errors that name their cause: the message is the whole story, no traceback needed
         sys.exit(f"error: {e}")
+    except OSError as e:  # e.g. the disk is full: the message names the file
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # while loading data or the checkpoint: nothing was written
+        sys.exit("interrupted before training started")

@@ -514,6 +514,23 @@ def test_resume_prints_changed_options_and_refuses_a_new_init_from(run, tmp_path
         run(base, "--epochs=3", f"--init_from={other / 'ckpt.npz'}")
 
 
+def test_a_fine_tuning_run_resumes_without_repeating_init_from(run, tmp_path, capsys):
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    assert run(base, "--epochs=1") == 0
+    assert run(tuned, "--epochs=1", f"--init_from={base / 'ckpt.npz'}") == 0
+    capsys.readouterr()
+    assert run(tuned, "--epochs=2") == 0  # the weights come from its own checkpoint
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "init_from" not in out
+    assert read_ckpt(tuned)[1]["epoch"] == 2
+
+
+def test_warm_up_as_long_as_the_run_is_noted(run, tmp_path, capsys):
+    assert run(tmp_path / "run", "--epochs=2", "--warmup=2") == 0
+    assert "note: --warmup=2 is longer than --epochs=2: beta only reaches 0.50" in \
+        capsys.readouterr().out
+
+
 def test_resume_in_the_middle_of_an_epoch_with_another_batch_size_is_refused(
         run, tmp_path, monkeypatch):
     out = tmp_path / "run"
@@ -552,7 +569,7 @@ def test_ctrl_c_during_the_end_of_epoch_save_keeps_the_epoch(run, tmp_path, monk
     monkeypatch.setattr(checkpoint, "save", interrupt_on_call(real, 2))
     assert run(stopped, "--epochs=3") == 1
     monkeypatch.setattr(checkpoint, "save", real)
-    assert "ckpt.npz holds epoch 2, step 0" in capsys.readouterr().out
+    assert "ckpt.npz holds the end of epoch 2" in capsys.readouterr().out
     assert read_ckpt(stopped)[1]["epoch"] == 2
     assert [m["epoch"] for m in read_metrics(stopped)] == [1, 2]
     assert run(stopped, "--epochs=3") == 0
@@ -629,8 +646,14 @@ def test_unknown_device_model_and_dataset(run, tmp_path):
     ("--epochs=0", r"--epochs must be >= 1, got 0"),
     ("--batch_size=0", r"--batch_size must be >= 1"),
     ("--iw_samples=0", r"--iw_samples must be >= 1"),
-    ("--lr=-0.001", r"--lr must be >= 0"),
-    ("--clip_norm=-1", r"--clip_norm must be >= 0"),
+    ("--lr=-0.001", r"--lr must be a finite number >= 0, got -0.001"),
+    ("--lr=inf", r"--lr must be a finite number >= 0, got inf"),
+    ("--clip_norm=-1", r"--clip_norm must be a finite number >= 0"),
+    ("--clip_norm=nan", r"--clip_norm must be a finite number >= 0, got nan"),
+    ("--z_dims=4", r"--z_dims has 1 layers and --hidden 2: give one hidden width per"),
+    ("--z_dims=", r"--z_dims must list one size >= 1 per stochastic layer, e\.g\. "
+                  r"--z_dims=64,32,16,8,4; got \(\)"),
+    ("--hidden=0,8", r"--hidden must list one size >= 1 per stochastic layer"),
     ("--warmup=-5", r"--warmup must be >= 0"),
     ("--final_lk_samples=-5", r"--final_lk_samples must be >= 0"),
     ("--final_lk_images=-9990", r"--final_lk_images must be >= 0"),
@@ -700,6 +723,50 @@ def test_nan_kl_stops_with_the_layer_name_and_keeps_the_last_good_checkpoint(
     # moves only the noise stream)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert [m["epoch"] for m in read_metrics(bad)] == [1]
+
+
+def test_an_update_that_makes_a_weight_nan_is_never_saved(run, tmp_path, monkeypatch):
+    """The last update of an epoch is seen by no forward pass before the end-of-epoch
+    save: a NaN it puts into a weight must not replace the last good checkpoint."""
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1") == 0
+    before, _ = read_ckpt(out)
+    real, calls = layers.Adam.step, [0]
+
+    def step(self):
+        real(self)
+        calls[0] += 1
+        if calls[0] == STEPS_PER_EPOCH:  # the last step of epoch 2
+            self.params[0].data[0] = np.nan
+    monkeypatch.setattr(layers.Adam, "step", step)
+    with pytest.raises(FloatingPointError, match=r"epoch 2: the update made \S+ NaN or inf\. "
+                                                 r"Stopped before saving: the last good"):
+        run(out, "--epochs=3")
+    after, meta = read_ckpt(out)
+    assert meta["epoch"] == 1 and all(np.array_equal(before[k], after[k]) for k in before)
+    assert [m["epoch"] for m in read_metrics(out)] == [1]
+    monkeypatch.setattr(layers.Adam, "step", real)
+    assert run(out, "--epochs=2") == 0  # and the run resumes from it
+
+
+def test_a_nan_found_late_on_a_gpu_names_its_own_step(tmp_path):
+    """On a GPU the terms are read back every log_interval steps: the message names the
+    step that made the NaN, not the step that found it."""
+    good = {"log_px": -90.0, "elbo": -100.0, "kl": [5.0, 5.0]}
+    bad = {"log_px": float("nan"), "elbo": float("nan"), "kl": [5.0, 5.0]}
+    pending = [(good, 64, "epoch 1, step 1"), (bad, 64, "epoch 1, step 2"),
+               (good, 64, "epoch 1, step 3")]
+    with pytest.raises(FloatingPointError, match=r"^epoch 1, step 2: the reconstruction term.*"
+                                                 r"found 1 step\(s\) later"):
+        train.check_finite(pending, str(tmp_path / "ckpt.npz"), locate=lambda: "not this")
+
+
+def test_metrics_file_is_rewritten_from_the_checkpoint_on_resume(run, tmp_path):
+    out = tmp_path / "run"
+    assert run(out, "--epochs=2") == 0
+    (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    assert run(out, "--epochs=2") == 0  # nothing left to train; the file is whole again
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
 
 
 def test_nan_reconstruction_term_in_the_first_epoch(run, tmp_path, monkeypatch):
