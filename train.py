@@ -59,19 +59,35 @@ out_dir = "runs/lvae"
 init_from = ""                  # a checkpoint to start from (weights only), e.g. fine-tuning
 log_interval = 50               # steps between progress lines within an epoch
 # ------------------------------------------------------------------------------------
+# the options: the lower-case plain values above (the upper-case tables below are not
+# options, and after importlib.reload they are already in globals() at this point)
 config_keys = [k for k, v in list(globals().items())
-               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+               if k.islower() and not k.startswith("_")
+               and isinstance(v, (int, float, bool, str, tuple))]
+
+
+def usage():
+    """This file's docstring and its config block (every option, its default, its comment)."""
+    with open(__file__, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# ---") and "config" in line)
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("# ---"))
+    return (__doc__.strip() + "\n\nOptions (--key=value), with their defaults:\n\n"
+            + "\n".join(lines[start + 1:end]))
 
 
 def apply_overrides(args, namespace):
     """--key=value overrides, checked against the defaults' types."""
+    if "--help" in args or "-h" in args:
+        print(usage())
+        raise SystemExit(0)
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"error: arguments look like --key=value, got {arg!r}")
         key, value = arg[2:].split("=", 1)
         if key not in config_keys:
             raise SystemExit(f"error: unknown option {key!r}; valid options: "
-                             f"{', '.join(config_keys)}")
+                             f"{', '.join(config_keys)} (--help says what each does)")
         default = namespace[key]
         try:
             if isinstance(default, bool):

@@ -13,6 +13,7 @@ moments) must be bit-for-bit identical, and so must the metrics (but the timings
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -589,6 +590,19 @@ def test_ctrl_c_during_the_final_evaluation_says_training_is_saved(run, tmp_path
 # ----------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_every_option_with_its_default_and_comment(run, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, flag)
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Train a Ladder VAE") and "Options (--key=value)" in out
+    for key in train.config_keys:  # every option, on a line of its own as in the source
+        assert re.search(rf"^{key} = ", out, re.M), key
+    assert "warmup = 200" in out and "epochs over which beta rises" in out
+    assert not (tmp_path / "ckpt.npz").exists()
+
+
 def test_unknown_option_lists_the_valid_ones(run, tmp_path):
     with pytest.raises(SystemExit, match=r"unknown option 'epoch'.*epochs.*batch_size"):
         run(tmp_path, "--epoch=3")
@@ -625,6 +639,8 @@ def test_overrides_do_not_leak_after_reload(run, tmp_path):
     assert run(tmp_path / "a", "--epochs=1", "--seed=5") == 0
     importlib.reload(train)
     assert train.seed == 0 and train.epochs == 2000
+    # the module's own tables, already in globals() when a reload lists the options, are not options
+    assert "POSITIVE" not in train.config_keys and "STOP_SIGNALS" not in train.config_keys
 
 
 @pytest.mark.skipif(autograd.cuda_available(), reason="CUDA is available here")
