@@ -599,6 +599,7 @@ def getitem(x, index):
     """x[index] (slices, integers, integer arrays);  the gradient is scattered back."""
     if isinstance(index, Tensor):
         index = index.data
+    check_same_device("getitem", x, index)  # an index array must live where x does
     out = x.data[index]
 
     def backward(g):
@@ -612,6 +613,7 @@ def getitem(x, index):
 def concatenate(tensors, axis=0):
     """Join tensors along an axis;  each gets its slice of the gradient back."""
     tensors = tuple(as_tensor(t) for t in tensors)
+    check_same_device("concatenate", *tensors)
     xp = get_array_module(tensors[0].data)
     try:
         out = xp.concatenate([t.data for t in tensors], axis=axis)

@@ -185,6 +185,7 @@ def reparameterize(mu, var, eps):
     (eps ~ N(0, I) is drawn outside). dz/dmu = 1, dz/dvar = eps / (2 sqrt(var))."""
     mu, var = _tensors("reparameterize", mu=mu, var=var)
     eps = eps.data if isinstance(eps, Tensor) else eps  # noise: no gradient flows to it
+    check_same_device("reparameterize", mu, eps)
     xp = get_array_module(mu.data)
     std = xp.sqrt(var.data)
     z = mu.data + std * eps

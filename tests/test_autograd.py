@@ -368,7 +368,8 @@ def test_logsumexp_is_stable(xp, dtype):
     np.testing.assert_allclose(to_numpy(out.data), expected, rtol=1e-6,
                                err_msg="logsumexp at |x| = 1e3 should not overflow or underflow")
     softmax = np.array([[0.5, 0.5], [0.5, 0.5], [1.0, 0.0], [0.25, 0.75]])
-    np.testing.assert_allclose(to_numpy(t.grad), softmax, atol=1e-4,
+    # float32 holds -1e3 + log(3) only to ~6e-5 (its spacing near 1000)
+    np.testing.assert_allclose(to_numpy(t.grad), softmax, atol=1e-12 if dtype == np.float64 else 1e-4,
                                err_msg="the gradient of logsumexp is the softmax, also at 1e3")
 
 
@@ -431,8 +432,9 @@ def test_cuda_without_cuda_is_a_clear_error():
 def test_unknown_device_is_an_error():
     with pytest.raises(ValueError, match=r"unknown device 'gpu'.*'cpu' or 'cuda'"):
         autograd.check_device("gpu")
-    x = np.ones(3)
-    assert autograd.to_device(x, "cpu") is not None and autograd.check_device("cpu") == "cpu"
+    x = np.arange(3.0)
+    y = autograd.to_device(x, "cpu")
+    assert isinstance(y, np.ndarray) and np.array_equal(y, x) and autograd.check_device("cpu") == "cpu"
 
 
 FLOAT32_OPS = [

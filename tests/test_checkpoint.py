@@ -66,6 +66,32 @@ def resume(path):
     return checkpoint.load(path, net, Adam(net.parameters()), lvae.Noise(0), CONFIG)
 
 
+def test_load_restores_weights_adam_and_noise_into_another_model(tmp_path):
+    """Everything a resumed run needs comes from the file, not from the fresh objects."""
+    net = tiny_model()
+    optimizer, noise = Adam(net.parameters(), lr=0.01), lvae.Noise(1)
+    rng = np.random.default_rng(3)
+    for _ in range(2):  # two steps of Adam: moments and t are not their initial values
+        for p in net.parameters():
+            p.grad = rng.standard_normal(p.shape).astype(p.dtype)
+        optimizer.step()
+    noise.normal((4, 2), like=np.zeros(1, np.float32))  # the noise stream has moved on
+    progress = {"epoch": 3, "step": 5, "sums": None,
+                "data_rng": np.random.default_rng(2).bit_generator.state}
+    path = str(tmp_path / "ckpt.npz")
+    checkpoint.save(path, net, optimizer, noise, dict(CONFIG), [], progress)
+
+    other = tiny_model({**CONFIG, "seed": 5})
+    other_optimizer, other_noise = Adam(other.parameters(), lr=0.01), lvae.Noise(9)
+    checkpoint.load(path, other, other_optimizer, other_noise, CONFIG)
+    saved, loaded = net.state_dict(), other.state_dict()
+    assert all(np.array_equal(saved[k], loaded[k]) for k in saved)
+    adam, other_adam = optimizer.state_dict(), other_optimizer.state_dict()
+    assert adam.keys() == other_adam.keys() and int(other_adam["t"]) == 2
+    assert all(np.array_equal(adam[k], other_adam[k]) for k in adam)
+    assert other_noise.get_state() == noise.get_state()
+
+
 def test_a_valid_checkpoint_round_trips(tmp_path):
     path = write_checkpoint(tmp_path / "ckpt.npz")
     progress, history = resume(path)

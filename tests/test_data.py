@@ -95,7 +95,7 @@ def test_mnist_labels(mnist):
 def test_mnist_is_cached_and_read_only(mnist):
     assert data.load_mnist() is mnist
     assert data.load_dataset("mnist") is mnist
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="read-only"):
         mnist.train_x[0, 0] = 0.5
 
 

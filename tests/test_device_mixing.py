@@ -61,6 +61,20 @@ def test_gaussian_ops_name_mixed_devices(fake_cupy):
         gaussian.log_normal(gpu, cpu, cpu)
 
 
+def test_shape_ops_and_the_noise_name_mixed_devices(fake_cupy):
+    cpu = Tensor(np.ones((2, 3)), requires_grad=True)
+    gpu = Tensor(fake_cupy(np.ones((2, 3))))
+    with pytest.raises(TypeError, match=f"concatenate: the inputs are {MIXED}"):
+        autograd.concatenate([cpu, gpu], axis=1)
+    with pytest.raises(TypeError, match=f"getitem: the inputs are {MIXED}"):
+        cpu[Tensor(fake_cupy(np.array([1, 0])))]
+    with pytest.raises(TypeError, match=f"reparameterize: the inputs are {MIXED}"):
+        gaussian.reparameterize(cpu, cpu, fake_cupy(np.zeros((2, 3))))
+    # one device: fine (an integer index, a slice, a NumPy index array)
+    assert cpu[np.array([1, 0])].shape == (2, 3) and cpu[0].shape == (3,)
+    assert autograd.concatenate([cpu, cpu], axis=1).shape == (2, 6)
+
+
 def test_dense_and_batch_norm_name_mixed_devices(fake_cupy):
     dense = layers.Dense(3, 2, rng=np.random.default_rng(0))
     with pytest.raises(TypeError, match=f"linear: the inputs are {MIXED}"):
@@ -88,6 +102,10 @@ def test_mixed_devices_on_a_real_gpu():
         Tensor(np.ones(3)) + Tensor(cupy.ones(3))
     with pytest.raises(TypeError, match=f"merge: the inputs are {MIXED}"):
         gaussian.merge(Tensor(cupy.ones(3)), cupy.ones(3), np.ones(3), 1.0)
+    with pytest.raises(TypeError, match=f"concatenate: the inputs are {MIXED}"):
+        autograd.concatenate([Tensor(np.ones(3)), Tensor(cupy.ones(3))])
+    with pytest.raises(TypeError, match=f"reparameterize: the inputs are {MIXED}"):
+        gaussian.reparameterize(Tensor(np.ones(3)), np.ones(3), cupy.zeros(3))
     model = lvae.build_model("lvae", x_dim=6, z_dims=(3, 2), hidden=(5, 4), n_dense=1)
     x = np.full((2, 6), 0.5, np.float32)
     model.to("cuda")

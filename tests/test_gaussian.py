@@ -91,11 +91,18 @@ def test_log_normal_gradients(case):
     check_gradients(gaussian.log_normal, *arrays)
 
 
-def test_reparameterize_gradients():
+@pytest.mark.parametrize("eps_shape, var_shape", [
+    ((B, D), (B, D)),
+    ((K, B, D), (B, D)),  # what the model does: K samples of each image's (B, D) Gaussian
+    ((K, B, D), (B, 1)),  # one variance per image, broadcast over units and samples
+], ids=["same shape", "K samples", "K samples, var (B, 1)"])
+def test_reparameterize_gradients(eps_shape, var_shape):
     rng = np.random.default_rng(3)
-    eps = rng.standard_normal((B, D))
-    check_gradients(lambda mu, var: gaussian.reparameterize(mu, var, eps),
-                    means(rng, (B, D)), variances(rng, (B, D)))
+    eps = rng.standard_normal(eps_shape)
+    mu, var = means(rng, (B, D)), variances(rng, var_shape)
+    z = gaussian.reparameterize(Tensor(mu), Tensor(var), eps).data
+    np.testing.assert_allclose(z, mu + np.sqrt(var) * eps, rtol=1e-13)
+    check_gradients(lambda mu, var: gaussian.reparameterize(mu, var, eps), mu, var)
 
 
 def test_the_standard_normal_defaults():

@@ -75,15 +75,30 @@ def test_dense_forward_and_parameters(xp):
 # ----------------------------------------------------------------------------------
 # batch_norm (the op)
 # ----------------------------------------------------------------------------------
+def then_leaky(y, slope):
+    """The batch norm's output, through the fused leaky ReLU when slope is not None (and
+    far enough from its kink at 0 for finite differences with steps of 1e-6)."""
+    if slope is None:
+        return y
+    assert np.abs(y).min() > 1e-4, "an output too near the kink: pick another seed"
+    return leaky(y, slope)
+
+
+SLOPES = pytest.mark.parametrize("slope", [None, 0.01, 0.2], ids=["no ReLU", "slope 0.01",
+                                                                  "slope 0.2"])
+
+
+@SLOPES
 @pytest.mark.parametrize("x_shape", [(6, 3), (2, 4, 3)], ids=["2-D", "3-D"])
-def test_batch_norm_training_mode(xp, x_shape):
+def test_batch_norm_training_mode(xp, x_shape, slope):
     rng = np.random.default_rng(2)
     x = rng.standard_normal(x_shape) * 2 + 1
     gamma, beta = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
     rows = x.reshape(-1, 3)
-    expected = normalise(x, rows.mean(0), rows.var(0), gamma, beta)
-    check_op(xp, lambda t, g, b: batch_norm(t, g, b, EPS)[0], x, gamma, beta, expected=expected,
-             rtol=1e-5, atol=1e-6, what=f"batch_norm training {x_shape} (x, gamma, beta)")
+    expected = then_leaky(normalise(x, rows.mean(0), rows.var(0), gamma, beta), slope)
+    check_op(xp, lambda t, g, b: batch_norm(t, g, b, EPS, slope=slope)[0], x, gamma, beta,
+             expected=expected, rtol=1e-5, atol=1e-6,
+             what=f"batch_norm training {x_shape}, slope {slope} (x, gamma, beta)")
     _, mean, var = batch_norm(Tensor(xp.asarray(x)), Tensor(xp.asarray(gamma)),
                               Tensor(xp.asarray(beta)), EPS)
     np.testing.assert_allclose(to_numpy(mean), rows.mean(0), rtol=1e-12,
@@ -92,17 +107,19 @@ def test_batch_norm_training_mode(xp, x_shape):
                                err_msg="batch_norm should return the biased batch variance")
 
 
+@SLOPES
 @pytest.mark.parametrize("x_shape", [(6, 3), (2, 4, 3)], ids=["2-D", "3-D"])
-def test_batch_norm_evaluation_mode(xp, x_shape):
+def test_batch_norm_evaluation_mode(xp, x_shape, slope):
     rng = np.random.default_rng(3)
     x = rng.standard_normal(x_shape)
     gamma, beta = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
     mean, var = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
     def fn(t, g, b):  # the running statistics live where t lives (finite differences: NumPy)
         on = get_array_module(t).asarray
-        return batch_norm(t, g, b, EPS, on(mean), on(var))[0]
-    check_op(xp, fn, x, gamma, beta, expected=normalise(x, mean, var, gamma, beta),
-             what=f"batch_norm evaluation {x_shape} (x, gamma, beta)")
+        return batch_norm(t, g, b, EPS, on(mean), on(var), slope=slope)[0]
+    check_op(xp, fn, x, gamma, beta,
+             expected=then_leaky(normalise(x, mean, var, gamma, beta), slope),
+             what=f"batch_norm evaluation {x_shape}, slope {slope} (x, gamma, beta)")
 
 
 # ----------------------------------------------------------------------------------
@@ -310,6 +327,28 @@ def test_mlp_is_dense_batchnorm_leaky_relu():
                                err_msg="MLP block should be leaky_relu(BN(x W))")
     np.testing.assert_allclose(LeakyReLU(0.2)(Tensor(np.array([-2.0, 3.0]))).data, [-0.4, 3.0],
                                err_msg="LeakyReLU(0.2) should give 0.2 x for x < 0, x otherwise")
+
+
+@pytest.mark.parametrize("use_bn", [True, False], ids=["batch norm", "no batch norm"])
+def test_gaussian_layer_computes_its_formula(use_bn):
+    """mu = [BN](h W_mu + b_mu), var = softplus([BN](h W_v + b_v)) + eps, in float64 with
+    batch-norm scales and shifts away from their initial 1 and 0."""
+    rng = np.random.default_rng(15)
+    layer = GaussianLayer(5, 3, batch_norm=use_bn, rng=rng).astype(np.float64)
+    for p in layer.parameters():
+        p.data[...] = rng.normal(0.5, 1.0, p.shape)
+    h = rng.standard_normal((7, 5))
+    mu, var = layer(Tensor(h))
+
+    def head(dense, norm):
+        a = h @ dense.weight.data
+        if norm is None:
+            return a + dense.bias.data
+        return normalise(a, a.mean(0), a.var(0), norm.gamma.data, norm.beta.data)
+    expected_mu = head(layer.mean_dense, layer.mean_norm)
+    expected_var = np.logaddexp(0, head(layer.var_dense, layer.var_norm)) + layer.var_eps
+    np.testing.assert_allclose(mu.data, expected_mu, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(var.data, expected_var, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("use_bn", [True, False], ids=["batch norm", "no batch norm"])

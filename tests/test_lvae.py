@@ -508,6 +508,26 @@ def test_elbo_terms(kind):
     np.testing.assert_allclose(float(objective.data), terms["elbo"], rtol=1e-12)
     assert terms["log_px"] < 0
 
+    # the terms from the model's outputs, in plain NumPy (the same noise, so the same draws)
+    x = binary_batch(6)
+    with no_grad():
+        _, layers = model(x, lvae.Noise(0))
+    logits = layers.logits.data
+    log_px = (x * logits - np.logaddexp(0, logits)).sum(-1).mean()
+    np.testing.assert_allclose(terms["log_px"], log_px, rtol=1e-12)
+
+    def log_normal(z, mu, var):
+        return -0.5 * (np.log(2 * np.pi * var) + (z - mu) ** 2 / var)
+    top = model.n_layers - 1
+    for i, kl in enumerate(terms["kl"]):
+        mu_q, var_q, z = layers.mu_q[i].data, layers.var_q[i].data, layers.z[i].data
+        mu_p, var_p = ((0.0, 1.0) if i == top else (layers.mu_p[i].data, layers.var_p[i].data))
+        if kind == "lvae" or i == top:  # analytic given the sample above
+            units = 0.5 * (np.log(var_p) - np.log(var_q) + (var_q + (mu_q - mu_p) ** 2) / var_p - 1)
+        else:  # the bottom-up VAE's lower layers: the one-sample estimate
+            units = log_normal(z, mu_q, var_q) - log_normal(z, mu_p, var_p)
+        np.testing.assert_allclose(kl, units.sum(-1).mean(), rtol=1e-10, err_msg=f"KL of z{i + 1}")
+
 
 def test_build_model_unknown_name():
     with pytest.raises(ValueError, match=r"unknown model 'ladder'.*lvae.*vae"):
@@ -696,6 +716,25 @@ def test_analysis_helpers_restore_mode_and_leave_state_alone(kind, training):
 
     after = model.state_dict()  # evaluation mode: batch-norm statistics untouched
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", ["lvae", "vae"])
+def test_posterior_means_average_mu_q_over_the_samples(kind):
+    """E_q[z_i | x]: mu_q of the layers that depend on a sample, averaged over the draws
+    (not one draw's mu_q); mu_q itself where it is a function of x alone."""
+    model = tiny_model(kind).eval()
+    x = binary_batch(6)
+    means = lvae.posterior_means(model, x, lvae.Noise(3), samples=10)
+    with no_grad():
+        _, layers = model(x, lvae.Noise(3), samples=10)
+    for i, (got, mu) in enumerate(zip(means, layers.mu_q)):
+        mu = mu.data
+        expected = mu.mean(axis=0) if mu.ndim == 3 else mu
+        np.testing.assert_allclose(got, expected, rtol=1e-12, err_msg=f"layer z{i + 1}")
+        if mu.ndim == 3:  # a layer that depends on a sample: the draws differ
+            assert not np.allclose(got, mu[0]), f"layer z{i + 1}: one draw, not the average"
+    sampled = [i for i, mu in enumerate(layers.mu_q) if mu.data.ndim == 3]
+    assert sampled, "some layer's mean depends on a sample"
 
 
 def test_kl_per_unit_is_the_mean_analytic_kl():

@@ -88,11 +88,11 @@ def test_kl_per_layer(tmp_path):
 def test_kl_per_layer_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         plots.kl_per_layer([], tmp_path / "kl.png")
-    with pytest.raises(ValueError, match="units"):
+    with pytest.raises(ValueError, match="units has 5 entries but kl has 3 layers"):
         plots.kl_per_layer(fake_metrics(layers=3), tmp_path / "kl.png", units=UNITS)
     ragged = fake_metrics(epochs=2)
     ragged[1]["kl"] = ragged[1]["kl"][:2]
-    with pytest.raises(ValueError, match="lengths"):
+    with pytest.raises(ValueError, match=r"found lengths \[2, 5\]"):
         plots.kl_per_layer(ragged, tmp_path / "kl.png")
 
 
@@ -119,7 +119,20 @@ def test_image_grid(tmp_path):
     assert_png(plots.image_grid(images, tmp_path / "grid2.png", rows=2))
 
 
+def test_tile_puts_each_image_in_its_cell():
+    images = np.arange(5 * 3 * 4, dtype=float).reshape(5, 3, 4)
+    canvas = plots._tile(images, rows=2, cols=3)
+    assert canvas.shape == (2 * 4 - 1, 3 * 5 - 1)  # 1-pixel gaps between cells
+    for k in range(5):
+        r, c = divmod(k, 3)
+        np.testing.assert_array_equal(canvas[r * 4:r * 4 + 3, c * 5:c * 5 + 4], images[k])
+    assert np.all(canvas[3, :] == 1) and np.all(canvas[:, 4] == 1)  # the gaps are white
+    assert np.all(canvas[4:, 10:] == 1)  # the empty sixth cell too
+
+
 def test_image_grid_rejects_wrong_size(tmp_path):
+    with pytest.raises(ValueError, match="rows must be >= 1, got 0"):
+        plots.image_grid(np.zeros((5, 784)), tmp_path / "g.png", rows=0)
     with pytest.raises(ValueError, match=r"\(5, 100\).*784.*\(28, 28\)"):
         plots.image_grid(np.zeros((5, 100)), tmp_path / "g.png")
     with pytest.raises(ValueError, match="no images"):
@@ -141,9 +154,13 @@ def test_reconstructions_rejects_mismatch(tmp_path):
 def test_pca_recovers_dominant_direction():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(500, 1)) * [[10.0, 0.0, 0.0]] + rng.normal(size=(500, 3)) * 0.1
+    x = x + 100.0  # far from the origin: PCA must centre the data first
     proj, ratio = plots.pca(x)
     assert proj.shape == (500, 2)
     assert ratio[0] > 0.99 and ratio[0] >= ratio[1]
+    np.testing.assert_allclose(proj.mean(axis=0), 0, atol=1e-10)
+    # the first component is the direction the data varies along: x's first column
+    assert abs(np.corrcoef(proj[:, 0], x[:, 0])[0, 1]) > 0.999
     proj1, ratio1 = plots.pca(x[:, :1])  # one unit: second component is zeros
     assert np.all(proj1[:, 1] == 0) and ratio1[1] == 0
 

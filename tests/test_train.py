@@ -200,6 +200,29 @@ def test_vae_with_iw_objective_and_no_batch_norm(run, tmp_path):
     assert np.isfinite(read_metrics(out)[0]["train_elbo"])
 
 
+def test_recorded_train_terms_are_the_batch_size_weighted_means(run, tmp_path, monkeypatch):
+    """train_elbo, train_log_px and kl of an epoch: the means over its images of the terms
+    of every training step (the last batch holds 52 images, the others 64)."""
+    real, steps = lvae.elbo, []
+
+    def elbo(net, x, noise, beta=1.0):
+        objective, terms = real(net, x, noise, beta)
+        if net.training:
+            steps.append((float(terms["elbo"]), float(terms["log_px"]),
+                          [float(k) for k in terms["kl"]], len(x)))
+        return objective, terms
+    monkeypatch.setattr(lvae, "elbo", elbo)
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1") == 0
+    assert [n for *_, n in steps] == [64] * 7 + [52]
+    n = sum(b for *_, b in steps)
+    record = read_metrics(out)[0]
+    assert record["train_elbo"] == pytest.approx(sum(e * b for e, _, _, b in steps) / n, rel=1e-12)
+    assert record["train_log_px"] == pytest.approx(sum(p * b for _, p, _, b in steps) / n, rel=1e-12)
+    for i, kl in enumerate(record["kl"]):
+        assert kl == pytest.approx(sum(k[i] * b for _, _, k, b in steps) / n, rel=1e-12)
+
+
 def test_init_from_loads_weights_only(run, tmp_path):
     assert run(tmp_path / "a", "--epochs=1") == 0
     importlib.reload(train)
@@ -846,6 +869,24 @@ def test_evaluate_main_on_a_tiny_checkpoint(run, tmp_path, capsys):
     # without recomputing batch-norm statistics: runs, gives another number
     kept = evaluate.main([ckpt, "--samples=7", "--images=30", "--no_bn_recompute"])
     assert np.isfinite(kept["test_lk"]) and kept["test_lk"] != result["test_lk"]
+
+
+def test_evaluate_recomputes_statistics_over_the_training_set(run, tmp_path, capsys):
+    """evaluate.py's number, rebuilt by hand: batch-norm statistics over the training
+    images (batches of 1000 drawn with --seed), then L_K of the test images, one bound per
+    image; its mean and standard error are what evaluate.py reports."""
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1", "--eval_interval=0", "--eval_lk_samples=0") == 0
+    result = evaluate.main([str(out / "ckpt.npz"), "--samples=6", "--images=40", "--seed=3"])
+    capsys.readouterr()
+    net, _ = evaluate.load_model(str(out / "ckpt.npz"))
+    noise = lvae.Noise(3)
+    batches = data.iterate_minibatches(SYNTHETIC.train_x, 1000, np.random.default_rng(3))
+    layers.recompute_batchnorm_statistics(net, batches, lambda b: lvae.elbo(net, b, noise))
+    test_x = data.binarized_test_set(SYNTHETIC.test_x)[:40]
+    bound = lvae.log_likelihood_bound(net, test_x, 6, noise)
+    assert result["test_lk"] == pytest.approx(float(bound.mean()), rel=1e-12)
+    assert result["stderr"] == pytest.approx(float(bound.std() / np.sqrt(40)), rel=1e-12)
 
 
 def test_evaluate_rebuilds_the_trained_model(run, tmp_path):
