@@ -94,6 +94,8 @@ def learning_curves(metrics, path):
         images = {m.get("lk_images") for m in metrics if m.get("test_lk") is not None}
         on = f", {images.pop()} images" if len(images) == 1 and None not in images else ""
         ax.plot(x, y, "s-", ms=4, label=f"test $L_{{{k}}}$ (K={k}{on})")
+    if len(metrics) >= 20:  # a long run: the first tenth of epochs would squash the rest
+        ax.set_ylim(*_later_limits([metrics], ["train_elbo", "test_elbo", "test_lk"]))
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats")
     ax.set_title("Learning curves (higher is better)")
@@ -184,7 +186,7 @@ def compare_runs(runs, path, bound_name="L_K"):
         tests = [(m["epoch"], m["test_elbo"]) for m in metrics if m.get("test_elbo") is not None]
         if tests:
             left.plot(*zip(*tests), "o", color=color, ms=4)
-    left.set_ylim(*_elbo_limits([run["metrics"] for run in runs]))
+    left.set_ylim(*_later_limits([run["metrics"] for run in runs], ["train_elbo", "test_elbo"]))
     left.set_xlabel("epoch")
     left.set_ylabel("ELBO (nats)")
     left.set_title("train ELBO per epoch (dots: test ELBO)")
@@ -226,18 +228,18 @@ def compare_runs(runs, path, bound_name="L_K"):
     return _save(fig, path)
 
 
-def _elbo_limits(all_metrics):
-    """y-limits that show the curves after their first tenth of epochs.
+def _later_limits(all_metrics, keys):
+    """y-limits that show the curves of ``keys`` after their first tenth of epochs.
 
     The first epochs' ELBOs (-200 and lower) would otherwise squash the differences of a
-    nat or two between the models that the comparison is about.
+    nat or two that a long run or a comparison of models is about.
     """
     low, high = np.inf, -np.inf
     for metrics in all_metrics:
-        values = [m["train_elbo"] for m in metrics]
-        values += [m["test_elbo"] for m in metrics if m.get("test_elbo") is not None]
-        later = [m["train_elbo"] for m in metrics[len(metrics) // 10:]]
-        low, high = min(low, min(later)), max(high, max(values))
+        start = metrics[len(metrics) // 10]["epoch"]
+        values = [(m["epoch"], m[k]) for m in metrics for k in keys if m.get(k) is not None]
+        low = min([low] + [v for epoch, v in values if epoch >= start])
+        high = max([high] + [v for _, v in values])
     margin = 0.05 * (high - low) + 0.1
     return low - margin, high + margin
 

@@ -67,6 +67,16 @@ def test_learning_curves(tmp_path):
     assert_png(path)
 
 
+def test_long_curves_are_drawn_without_their_first_tenth_squashing_the_rest():
+    metrics = fake_metrics(epochs=100, eval_every=10)
+    metrics[0]["train_elbo"] = -500.0  # the first epoch of a real run is far below the rest
+    low, high = plots._later_limits([metrics], ["train_elbo", "test_elbo", "test_lk"])
+    later = [m["train_elbo"] for m in metrics[10:]] + [m["test_elbo"] for m in metrics[10:]
+                                                        if m["test_elbo"] is not None]
+    assert min(later) - 2 < low < min(later) and low > -200
+    assert high > max(m["test_lk"] for m in metrics if m["test_lk"] is not None)
+
+
 def test_learning_curves_without_eval_epochs(tmp_path):
     metrics = [{"epoch": e, "train_elbo": -100.0 - e} for e in range(3)]
     assert_png(plots.learning_curves(metrics, tmp_path / "c.png"))
