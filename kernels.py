@@ -191,18 +191,21 @@ def log_normal_backward(g, z, mu, var):
 # ----------------------------------------------------------------------------------
 ADAM_BODY = """
 const T g = grad * scale;
-m = b1 * m + ((T)1 - b1) * g;
-v = b2 * v + ((T)1 - b2) * g * g;
+m = b1 * m + one_minus_b1 * g;
+v = b2 * v + one_minus_b2 * g * g;
 p -= step_size * m / (sqrt(v) + eps_hat);
 """
 
 
 def adam_update(p, grad, m, v, scale, b1, b2, step_size, eps_hat):
     """In place: m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, p -= step_size m / (sqrt(v) + eps_hat),
-    with g = scale * grad; the eleven array operations of the plain code in one pass."""
-    kernel = _elementwise("lvae_adam_update", "T grad, T scale, T b1, T b2, T step_size, T eps_hat",
-                          "T p, T m, T v", ADAM_BODY)
-    kernel(grad, scale, b1, b2, step_size, eps_hat, p, m, v)
+    with g = scale * grad; the eleven array operations of the plain code in one pass.
+
+    1 - b1 and 1 - b2 are computed here, in double, as the plain code does: in float32
+    inside the kernel, 1 - 0.999 would be 1 - 0.99900001 = 0.00099998713, 1.3e-5 off."""
+    kernel = _elementwise("lvae_adam_update", "T grad, T scale, T b1, T one_minus_b1, T b2, "
+                          "T one_minus_b2, T step_size, T eps_hat", "T p, T m, T v", ADAM_BODY)
+    kernel(grad, scale, b1, 1 - b1, b2, 1 - b2, step_size, eps_hat, p, m, v)
 
 
 # ----------------------------------------------------------------------------------

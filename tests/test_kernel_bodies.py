@@ -31,8 +31,9 @@ BODIES = {
                 [("mean", "in"), ("var", "in"), ("m", "in"), ("unbias", "in"),
                  ("running_mean", "inout"), ("running_var", "inout")]),
     "adam": (kernels.ADAM_BODY,
-             [("grad", "in"), ("scale", "in"), ("b1", "in"), ("b2", "in"), ("step_size", "in"),
-              ("eps_hat", "in"), ("p", "inout"), ("m", "inout"), ("v", "inout")]),
+             [("grad", "in"), ("scale", "in"), ("b1", "in"), ("one_minus_b1", "in"), ("b2", "in"),
+              ("one_minus_b2", "in"), ("step_size", "in"), ("eps_hat", "in"), ("p", "inout"),
+              ("m", "inout"), ("v", "inout")]),
     "softplus": (kernels.SOFTPLUS_BODY, [("x", "in"), ("y", "out")]),
     "sigmoid": (kernels.SIGMOID_BODY, [("x", "in"), ("y", "out")]),
 }
@@ -231,6 +232,7 @@ def test_adam_body(compiled, dtype, clip):
         scale = 1.0 if clip is None or norm <= clip else clip / norm
         bc1, bc2 = 1 - 0.9 ** t, 1 - 0.999 ** t
         fused = run(compiled, "adam", dtype, grad=p.grad, scale=scale, b1=0.9, b2=0.999,
+                    one_minus_b1=1 - 0.9, one_minus_b2=1 - 0.999,
                     step_size=1e-2 * np.sqrt(bc2) / bc1, eps_hat=1e-8 * np.sqrt(bc2), **fused)
         optimizer.step()
         close(fused["p"], p.data, dtype, f"Adam parameters after step {t}")

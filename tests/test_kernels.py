@@ -1,10 +1,15 @@
-"""Tests of the fused kernels (kernels.py) against the NumPy reference in gaussian.py.
+"""Tests of the fused kernels (kernels.py) against the NumPy code they replace.
 
-Without a GPU: every kernel body (plain C with the type placeholder T) is compiled with
-the machine's C compiler, once with T = float and once with T = double, into a small
-shared library with one loop per kernel, and compared with gaussian.py's *_forward /
-*_backward on random and extreme inputs. The Python wrappers of kernels.py are run too,
-on NumPy arrays, through a stand-in for cupy.ElementwiseKernel that calls that library.
+Without a GPU: every Gaussian kernel body (plain C with the type placeholder T) is
+compiled with the machine's C compiler, once with T = float and once with T = double,
+into a small shared library with one loop per kernel, and compared with gaussian.py's
+*_forward / *_backward on random and extreme inputs. Then all the Python wrappers of
+kernels.py are run on NumPy arrays, through a stand-in for CuPy (tests/cupy_standin.py)
+that compiles whatever ElementwiseKernel or ReductionKernel it is given as C: with it,
+gaussian.py, layers.py (batch norm, its running averages, Adam) and autograd.py
+(softplus, sigmoid) take their fused paths on the CPU, and are compared with the same
+code with fusion off. So a wrapper that passes arguments in the wrong order, returns the
+wrong output or sums over the wrong axis fails here, not only on a GPU.
 
 With a GPU (marker `gpu`): the fused ops against the plain CuPy path (fusion on vs off)
 and against finite differences.
@@ -12,28 +17,31 @@ and against finite differences.
 Tolerances: a rounding error is relative to the size of the terms a result is summed
 from, not to the result (the KL of two close Gaussians is a small difference of large
 terms). So each output is compared as |fused - reference| <= rtol * scale, with `scale`
-the sum of the absolute values of its terms (SCALES below): rtol 1e-12 in float64,
+the sum of the absolute values of its terms (SCALES below; for batch norm and Adam the
+largest value of the array, see assert_fused_matches_plain): rtol 1e-12 in float64,
 1e-5 in float32.
 """
 import ctypes
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+for folder in (ROOT, TESTS):  # the project's modules, and cupy_standin next to this file
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 import autograd  # noqa: E402
+import cupy_standin  # noqa: E402
 import gaussian  # noqa: E402
 import kernels  # noqa: E402
+import layers  # noqa: E402
 from autograd import Tensor  # noqa: E402
 
 RTOL = {np.float32: 1e-5, np.float64: 1e-12}
@@ -181,11 +189,7 @@ def c_source(ctype):
     return "\n".join(lines)
 
 
-def find_c_compiler():
-    for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if candidate and shutil.which(candidate):
-            return shutil.which(candidate)
-    return None
+find_c_compiler = cupy_standin.find_c_compiler
 
 
 @pytest.fixture(scope="session")
@@ -206,8 +210,8 @@ def c_kernels(tmp_path_factory):
         source = folder / f"kernels_{ctype}.c"
         library = folder / f"kernels_{ctype}.so"
         source.write_text(c_source(ctype))
-        command = [compiler, "-std=c99", "-O2", "-fPIC", "-shared", "-Wall",
-                   "-Wdouble-promotion", "-Werror", "-o", str(library), str(source), "-lm"]
+        command = [compiler, *cupy_standin.COMPILE_FLAGS, "-o", str(library), str(source),
+                   "-lm"]
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0, (f"the kernel bodies do not compile as C with T = "
                                         f"{ctype}:\n{' '.join(command)}\n{result.stderr}")
@@ -241,36 +245,31 @@ def test_c_kernel_matches_numpy_reference(c_kernels, name, dtype, regime):
 
 
 # ----------------------------------------------------------------------------------
-# The Python wrappers of kernels.py, with a stand-in for CuPy that runs the C build
+# The Python wrappers of kernels.py, with a stand-in for CuPy that compiles the kernels
 # ----------------------------------------------------------------------------------
-class CElementwiseKernel:
-    """Behaves like cupy.ElementwiseKernel for parameters that are all of type T:
-    arrays must share one dtype (CuPy raises TypeError otherwise), numbers take it,
-    inputs broadcast, one output is returned bare and several as a tuple."""
-
-    def __init__(self, libraries, in_params, out_params, operation, name):
-        assert kernels.KERNELS[name] == (in_params, out_params, operation), \
-            f"kernel {name} was built from a body other than KERNELS[{name!r}]"
-        self.libraries, self.name, self.n_in = libraries, name, len(param_names(in_params))
-
-    def __call__(self, *args):
-        assert len(args) == self.n_in, f"{self.name}: {len(args)} arguments, expected {self.n_in}"
-        dtypes = {a.dtype for a in args if isinstance(a, np.ndarray)}
-        if len(dtypes) != 1:
-            raise TypeError(f"Type is mismatched: {self.name} got arrays of dtypes {dtypes}")
-        dtype = dtypes.pop()
-        assert all(isinstance(a, (np.ndarray, int, float)) for a in args), \
-            f"{self.name}: arguments must be arrays or Python numbers"
-        return run_c(self.libraries, self.name, *[np.asarray(a, dtype) for a in args])
+@pytest.fixture(scope="session")
+def c_builder(request, tmp_path_factory):
+    """Compiles the stand-in's kernels. The libraries are kept in pytest's cache folder
+    (.pytest_cache/d/cupy_standin, named by a hash of source, compiler and flags), so
+    only a changed kernel is compiled again in a later run; with the cache turned off
+    (-p no:cacheprovider) they go to a temporary folder, compiled once per session."""
+    compiler = find_c_compiler()
+    if compiler is None:
+        pytest.skip("no C compiler found (set CC, or install gcc/clang) to run the fused "
+                    "kernels on the CPU")
+    cache = getattr(request.config, "cache", None)
+    folder = (cache.mkdir("cupy_standin") if cache is not None
+              else tmp_path_factory.mktemp("standin_kernels"))
+    return cupy_standin.CBuilder(folder, compiler)
 
 
 @pytest.fixture
-def fake_cupy(c_kernels, monkeypatch):
-    """kernels.py sees a 'cupy' whose arrays are NumPy arrays and whose kernels are the
-    C build, so active(numpy_array) is True and gaussian.py takes the fused path."""
-    fake = types.SimpleNamespace(
-        ndarray=np.ndarray,
-        ElementwiseKernel=lambda *a: CElementwiseKernel(c_kernels, *a))
+def fake_cupy(c_builder, monkeypatch):
+    """kernels.py sees a 'cupy' whose arrays are NumPy arrays and whose ElementwiseKernel
+    and ReductionKernel compile the kernel strings as C (tests/cupy_standin.py): so
+    active(numpy_array) is True and every fused path runs, through kernels.py's own
+    wrappers. Fusion is on at the start and restored afterwards."""
+    fake = cupy_standin.CupyStandIn(c_builder)
     monkeypatch.setattr(kernels, "cupy", fake)
     monkeypatch.setattr(kernels, "_built", {})
     previous = kernels._fusion_enabled
@@ -389,6 +388,220 @@ def test_fused_ops_match_finite_differences(fake_cupy, op):
     arrays = make(np.float64)
     assert kernels.active(arrays[0])
     autograd.check_gradients(fn, *arrays)
+
+
+# ----------------------------------------------------------------------------------
+# The stand-in itself: the CuPy rules it reproduces, on small made-up kernels
+# ----------------------------------------------------------------------------------
+def test_stand_in_follows_cupy_rules(fake_cupy):
+    """The rules of cupy.ElementwiseKernel and cupy.ReductionKernel that kernels.py's
+    wrappers rely on (tests/cupy_standin.py lists them), so that the tests below, which
+    trust the stand-in, are not fooled by it."""
+    f64, f32 = np.arange(3.0), np.arange(3, dtype=np.float32)
+    axpy = fake_cupy.ElementwiseKernel("T x, T y", "T z", "z = x * y + (T)1;", "t_axpy")
+    assert axpy(f32, 2.5).dtype == np.float32, "a Python number takes the arrays' type T"
+    np.testing.assert_array_equal(axpy(f64, f64[:, None]), f64 * f64[:, None] + 1)  # broadcast
+    with pytest.raises(TypeError, match="mismatched"):
+        axpy(f64, f32)  # one T, two dtypes
+    out = np.zeros(3)
+    assert axpy(f64, 2.0, out) is out and np.array_equal(out, 2 * f64 + 1), \
+        "a given output is written in place (and returned)"
+    with pytest.raises(ValueError, match="Out shape"):
+        axpy(f64 * f64[:, None], 2.0, out)  # an output takes part in broadcasting, but
+        # must already have the broadcast shape: (3,) cannot hold a (3, 3) result
+    with pytest.raises(TypeError, match="Wrong number of arguments"):
+        axpy(f64)
+    with pytest.raises(ValueError, match="'i'"):
+        fake_cupy.ElementwiseKernel("T i", "T z", "z = i;", "t_i")
+    assert np.isnan(fake_cupy.ElementwiseKernel("T x", "T z", "z = z + x;", "t_read")(f64)).all(), \
+        "a new output is uninitialised (NaN here): a body must not read it before writing it"
+
+    # sum over the axis asked for of x * w, then post_map with the sum as `a`
+    dot = fake_cupy.ReductionKernel("T x, T w", "T s", "x * w", "a + b", "s = a * w", "0", "t_dot")
+    m = np.arange(12.0).reshape(3, 4)
+    for axis, keepdims in [(0, False), (1, False), (None, False), ((0, 1), False), (-1, True)]:
+        np.testing.assert_array_equal(dot(m, 2.0, axis=axis, keepdims=keepdims),
+                                      4 * m.sum(axis=axis, keepdims=keepdims),
+                                      err_msg=f"axis={axis}, keepdims={keepdims}")
+    assert dot(m.astype(np.float32), 2.0, axis=0).dtype == np.float32
+    with pytest.raises(AssertionError, match="does not compile"):
+        dot(m, np.ones(4), axis=0)  # an array input is not visible in post_map_expr
+    assert fake_cupy.launched["t_axpy"] == 3 and fake_cupy.launched["t_dot"] == 7
+
+
+# ----------------------------------------------------------------------------------
+# The other fused paths (batch norm and its running averages, Adam, softplus, sigmoid)
+# on the stand-in, against the same code with fusion off
+# ----------------------------------------------------------------------------------
+def assert_fused_matches_plain(what, dtype, fused, plain, scale=None):
+    """|fused - plain| <= RTOL[dtype] * scale everywhere, with the same dtype and shape.
+
+    ``scale`` is the size of the terms each value is computed from. By default it is the
+    largest |plain| of the array, which bounds the terms for these moderate inputs (as in
+    the GPU tests): batch norm's dx = scale * (g - dbeta / N - xhat dgamma / N) can be far
+    smaller than its terms, where one rounding of a term is a large relative error.
+    """
+    fused, plain = np.asarray(fused), np.asarray(plain)
+    assert fused.dtype == plain.dtype == dtype, \
+        f"{what}: dtype {fused.dtype} fused, {plain.dtype} plain, expected {np.dtype(dtype)}"
+    assert fused.shape == plain.shape, f"{what}: shape {fused.shape} fused, {plain.shape} plain"
+    fused, plain = fused.astype(np.float64), plain.astype(np.float64)
+    rtol = RTOL[dtype]
+    scale = np.broadcast_to(np.abs(plain).max() if scale is None else scale, plain.shape)
+    err = np.abs(fused - plain)
+    bound = rtol * scale + np.finfo(dtype).tiny
+    if not np.all(err <= bound):
+        j = np.unravel_index(np.argmax(err / bound), err.shape)
+        raise AssertionError(f"{what} ({np.dtype(dtype).name}): at {tuple(map(int, j))} the "
+                             f"fused path gives {fused[j]!r}, the plain code {plain[j]!r}; "
+                             f"expected them within {rtol} * {float(scale[j]):.3g}")
+
+
+def assert_all_match(what, dtype, results, scales=None):
+    """Every array of results[True] (fusion on) against results[False] (fusion off);
+    scales: {array name: scale} where the default does not apply."""
+    assert results[True].keys() == results[False].keys()
+    for name in results[False]:
+        assert_fused_matches_plain(f"{what}: {name}", dtype, results[True][name],
+                                   results[False][name], (scales or {}).get(name))
+
+
+# kernels each direction of the fused batch norm launches
+BATCH_NORM_KERNELS = {True: {"lvae_bn_var", "lvae_bn_fwd", "lvae_bn_dbeta", "lvae_bn_dgamma",
+                             "lvae_bn_bwd"},
+                      False: {"lvae_bn_fwd", "lvae_bn_dbeta", "lvae_bn_dgamma", "lvae_bn_bwd"}}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("slope", [None, 0.01], ids=["no_relu", "leaky_0.01"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
+def test_fused_batch_norm_matches_plain(fake_cupy, dtype, slope, training):
+    """layers.batch_norm with fusion on (kernels.batch_norm_forward / _backward, with
+    their column sums) and off: the output, the batch mean and variance, and the
+    gradients of x, gamma and beta.
+
+    x is (K, B, D) = (3, 8, 6), the LVAE's K samples of a batch: batch norm normalises
+    its 24 rows. Evaluation mode normalises with given (running) statistics; training
+    mode with the batch's own, which every row's gradient then depends on.
+    """
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((3, 8, 6)) * 2 + 1).astype(dtype)
+    gamma, beta = (rng.random(6) + 0.5).astype(dtype), rng.standard_normal(6).astype(dtype)
+    stats = ((None, None) if training else
+             (rng.standard_normal(6).astype(dtype), (rng.random(6) + 0.2).astype(dtype)))
+    weights = rng.standard_normal(x.shape).astype(dtype)  # the gradient of the output
+    results = {}
+    for fused in (True, False):
+        kernels.set_fusion(fused)
+        fake_cupy.launched.clear()
+        leaves = [Tensor(a.copy(), requires_grad=True) for a in (x, gamma, beta)]
+        y, mean, var = layers.batch_norm(*leaves, 1e-4, *stats, slope=slope)
+        y.backward(weights)
+        assert set(fake_cupy.launched) == (BATCH_NORM_KERNELS[training] if fused else set()), \
+            f"fusion {'on' if fused else 'off'}: launched {dict(fake_cupy.launched)}"
+        results[fused] = {"y": y.data, "mean": mean, "var": var, "dx": leaves[0].grad,
+                          "dgamma": leaves[1].grad, "dbeta": leaves[2].grad}
+    mode = "training" if training else "evaluation"
+    assert_all_match(f"batch norm ({mode}, slope {slope})", dtype, results)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum_0.1", "exact_average"])
+def test_fused_batch_norm_running_averages_match_plain(fake_cupy, dtype, momentum):
+    """layers.BatchNorm over three training batches, with fusion on (kernels.running_average
+    updates the running mean and variance in place) and off; then one evaluation batch,
+    normalised with those averages. momentum None: exact averages (m = 1 / batches seen)."""
+    rng = np.random.default_rng(8)
+    batches = [(rng.standard_normal((16, 5)) * 3 + 2).astype(dtype) for _ in range(4)]
+    gamma, beta = (rng.random(5) + 0.5).astype(dtype), rng.standard_normal(5).astype(dtype)
+    results = {}
+    for fused in (True, False):
+        kernels.set_fusion(fused)
+        fake_cupy.launched.clear()
+        bn = layers.BatchNorm(5, momentum=momentum, dtype=dtype)
+        bn.gamma.data[...], bn.beta.data[...] = gamma, beta
+        for batch in batches[:3]:
+            bn(Tensor(batch), slope=0.01)
+        bn.eval()
+        y = bn(Tensor(batches[3]), slope=0.01)
+        assert fake_cupy.launched["lvae_bn_running"] == (3 if fused else 0)
+        results[fused] = {"running_mean": bn.running_mean.data, "running_var": bn.running_var.data,
+                          "evaluation output": y.data}
+    assert_all_match(f"BatchNorm (momentum {momentum})", dtype, results)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("clip_norm", [None, 0.5], ids=["no_clip", "clip_0.5"])
+def test_fused_adam_matches_plain(fake_cupy, dtype, clip_norm):
+    """Five Adam.step()s with fusion on (kernels.adam_update, the whole update of one
+    parameter in one kernel) and off: after every step, the weights and both moments of
+    every parameter. The third parameter has no gradient in steps 2 and 4: both paths
+    must leave it and its moments alone then.
+
+    With clip_norm 0.5 every step is clipped (||g|| is about 40): the fused path scales
+    by min(1, c / (||g|| + 1e-12)), computed where the arrays are, the plain path by
+    c / ||g||, a relative difference of 1e-12 / ||g|| (twice that in v, which goes with
+    g^2): about 5e-14, within the tolerance.
+
+    Both paths take 1 - b1 and 1 - b2 in double (in float32 inside the kernel, 1 - 0.999
+    came out 1.3e-5 too small, relatively, at every step: this test found it).
+    """
+    rng = np.random.default_rng(11)
+    shapes = [(4, 3), (3,), (5,)]
+    initial = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [[None if (i == 2 and step in (1, 3)) else (10 * rng.standard_normal(s)).astype(dtype)
+              for i, s in enumerate(shapes)] for step in range(5)]
+    results = {}
+    for fused in (True, False):
+        kernels.set_fusion(fused)
+        fake_cupy.launched.clear()
+        params = [Tensor(a.copy(), requires_grad=True) for a in initial]
+        optimizer = layers.Adam(params, lr=1e-2, clip_norm=clip_norm)
+        history = {}
+        for step, step_grads in enumerate(grads, 1):
+            for p, g in zip(params, step_grads):
+                p.grad = None if g is None else g.copy()
+            optimizer.step()
+            for i, p in enumerate(params):
+                history[f"step {step}: parameter {i}"] = p.data.copy()
+                history[f"step {step}: m of parameter {i}"] = optimizer.m[i].copy()
+                history[f"step {step}: v of parameter {i}"] = optimizer.v[i].copy()
+        assert fake_cupy.launched["lvae_adam_update"] == (13 if fused else 0)
+        results[fused] = history
+    for step in (2, 4):  # no gradient: unchanged since the step before
+        for name in ("parameter 2", "m of parameter 2", "v of parameter 2"):
+            np.testing.assert_array_equal(results[True][f"step {step}: {name}"],
+                                          results[True][f"step {step - 1}: {name}"])
+    assert_all_match(f"Adam (clip_norm {clip_norm})", dtype, results)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_fused_softplus_and_sigmoid_match_plain(fake_cupy, dtype):
+    """autograd.softplus and autograd.sigmoid, values and gradients, with fusion on
+    (kernels.softplus, kernels.sigmoid) and off, for x from -1000 to 1000.
+
+    Scales by the size of the terms: softplus = max(x, 0) + log1p(e^-|x|) adds two
+    non-negative terms, so it is compared relative to itself (down to its tiny values
+    for very negative x); sigmoid = (1 + tanh(x / 2)) / 2 has terms of size 1 (its
+    value near 0 is a difference of them); both gradients, g sigmoid(x) and
+    g s (1 - s), are then within |g| of that.
+    """
+    x = np.concatenate([np.linspace(-30, 30, 121), [-1e3, -80, -1e-3, 0, 1e-3, 80, 1e3]])
+    x = x.astype(dtype)
+    g = np.random.default_rng(12).standard_normal(x.shape).astype(dtype)
+    for op, kernel in [(autograd.softplus, "lvae_softplus"), (autograd.sigmoid, "lvae_sigmoid")]:
+        results = {}
+        for fused in (True, False):
+            kernels.set_fusion(fused)
+            fake_cupy.launched.clear()
+            leaf = Tensor(x.copy(), requires_grad=True)
+            y = op(leaf)
+            y.backward(g)
+            assert (fake_cupy.launched[kernel] >= 1) == fused
+            results[fused] = {"value": y.data, "gradient": leaf.grad}
+        value_scale = np.abs(results[False]["value"]) if op is autograd.softplus else 1.0
+        assert_all_match(op.__name__, dtype, results,
+                         scales={"value": value_scale, "gradient": np.abs(g)})
 
 
 # ----------------------------------------------------------------------------------
