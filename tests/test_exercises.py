@@ -569,6 +569,25 @@ def test_softplus_forward_must_return_a_float64_array_and_keep_its_input(capsys)
         assert f"WRONG: softplus forward: {message}" in out, out
 
 
+@pytest.mark.parametrize("wrong_forward, hint", [
+    (lambda mh, vh, mp, vp: ((mh * vp + mp * vh) / (vh + vp), vh + vp),
+     "variances do not add up, precisions do"),
+    (lambda mh, vh, mp, vp: ((mh * vp + mp * vh) / (vh + vp), 1 / (vh + vp)),
+     "add the precisions 1/var_hat and 1/var_p, then invert"),
+    (lambda mh, vh, mp, vp: ((mh * vh + mp * vp) / (vh + vp), vh * vp / (vh + vp)),
+     "each mean is weighted by the OTHER one's variance"),
+    (lambda mh, vh, mp, vp: ((mh + mp) / 2, vh * vp / (vh + vp)),
+     "a plain average ignores the precisions"),
+    (lambda mh, vh, mp, vp: (mh / vh + mp / vp, vh * vp / (vh + vp)),
+     "still has to be multiplied by var_q"),
+], ids=["variances added", "1/(sum of variances)", "weights swapped", "plain average",
+        "no var_q factor"])
+def test_merge_forward_mistakes_are_named(capsys, wrong_forward, hint):
+    assert checks.check_merge(wrong_forward, solution("02_merge")["merge_backward"]) is False
+    out = capsys.readouterr().out
+    assert "WRONG: merge forward" in out and hint in out.split("hint: ")[1], out
+
+
 def test_merge_outputs_or_gradients_in_another_order(capsys):
     ns = solution("02_merge")
     swapped = lambda *a: ns["merge_forward"](*a)[::-1]

@@ -353,6 +353,31 @@ def _two(name, value):
     return value
 
 
+def _merge_forward_hint(which, got, mu_hat, var_hat, mu_p, var_p, otherwise):
+    """A hint naming the usual mistake behind a wrong ``which`` ('mu_q' or 'var_q')."""
+    if not isinstance(got, np.ndarray) or got.shape != mu_hat.shape:
+        return otherwise  # _compare says what is wrong with it
+    mu_q, var_q = gaussian.merge_forward(mu_hat, var_hat, mu_p, var_p)
+    candidates = {"var_q": {
+        "variances do not add up, precisions do: 1/var_q = 1/var_hat + 1/var_p":
+            var_hat + var_p,
+        "this is 1 / (var_hat + var_p): add the precisions 1/var_hat and 1/var_p, then invert":
+            1 / (var_hat + var_p),
+    }, "mu_q": {
+        "each mean is weighted by the OTHER one's variance (mu_hat by var_p): the more "
+        "certain opinion, with the smaller variance, must get the larger weight":
+            (mu_hat * var_hat + mu_p * var_p) / (var_hat + var_p),
+        "a plain average ignores the precisions: weight each mean by its precision":
+            (mu_hat + mu_p) / 2,
+        "the precision-weighted sum still has to be multiplied by var_q":
+            mu_hat / var_hat + mu_p / var_p,
+    }}[which]
+    for hint, wrong in candidates.items():
+        if np.allclose(got, wrong, rtol=RTOL, atol=ATOL):
+            return hint
+    return otherwise
+
+
 def check_merge_forward(merge_forward):
     """Exercise 2a: (mu_q, var_q) against gaussian.merge_forward."""
     def body():
@@ -364,11 +389,11 @@ def check_merge_forward(merge_forward):
                 and np.allclose(var_q, ref_mu)):
             raise Wrong("merge_forward returned (var_q, mu_q): return (mu_q, var_q), the "
                         "mean first")
-        _compare("var_q", var_q, ref_var, inputs,
-                 hint="var_q = 1 / (1/var_hat + 1/var_p): precisions add up")
-        _compare("mu_q", mu_q, ref_mu, inputs,
-                 hint="mu_q = (mu_hat/var_hat + mu_p/var_p) * var_q: a precision-weighted "
-                 "average")
+        _compare("var_q", var_q, ref_var, inputs, hint=_merge_forward_hint(
+            "var_q", var_q, *arrays, "var_q = 1 / (1/var_hat + 1/var_p): precisions add up"))
+        _compare("mu_q", mu_q, ref_mu, inputs, hint=_merge_forward_hint(
+            "mu_q", mu_q, *arrays, "mu_q = (mu_hat/var_hat + mu_p/var_p) * var_q: a "
+            "precision-weighted average"))
         # extreme but legal variances: the LVAE's var = softplus(.) + 1e-8 spans this range
         var_hat = np.array([1e-8, 1e-8, 1e8, 1.0, 1e8])
         var_p = np.array([1e8, 1e-8, 1e-8, 1e-8, 1e8])
