@@ -29,6 +29,7 @@ for path in (ROOT, EXERCISES):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+import autograd  # noqa: E402
 import checks  # noqa: E402
 import grade  # noqa: E402  (imports no Jupyter package until a notebook is run)
 import gaussian  # noqa: E402
@@ -235,7 +236,7 @@ def test_wrong_merge(capsys):
     ("var_q_constant", "the factor var_q depends on var_p too"),
     ("other_weight", "yours is the other mean's weight"),
     ("no_var_q_part", "this is only the part through mu_q: add g_var * d var_q / d var_p"),
-    ("zero", "your gradient for var_p is 0, but mu_q and var_q depend on var_p"),
+    ("zero", "your gradient for var_p is 0 here, where g_var = 0: the part through mu_q"),
     ("sign", "the sign is flipped"),
 ])
 def test_merge_backward_mistakes_are_named(mistake, hint, capsys):
@@ -373,7 +374,7 @@ def test_wrong_reparameterize(capsys):
 
 def top_down_with(top_merge=False, kl_standard=False, detach=False, prior_of_mean=False,
                   extra_sample=False, skip_bottom=False, kl_summed=False, top_first=False,
-                  up_shifted=False, top_kl_broadcast=False):
+                  up_shifted=False, top_kl_broadcast=False, top_kl_summed=False):
     """The solution of exercise 7 with one of the usual mistakes (top_kl_broadcast is
     not one: the ELBO treats a (K, B, d) top-layer KL the same as a (B, d) one)."""
     def top_down(model, up, sample):
@@ -383,6 +384,8 @@ def top_down_with(top_merge=False, kl_standard=False, detach=False, prior_of_mea
         z[-1] = sample(mu_q[-1], var_q[-1])
         kl[-1] = gaussian.gaussian_kl(z[-1] * 0 + mu_q[-1] if top_kl_broadcast else mu_q[-1],
                                       var_q[-1], 0.0, 1.0)
+        if top_kl_summed:
+            kl[-1] = kl[-1].sum(axis=-1)
         for i in range(n - 2, 0 if skip_bottom else -1, -1):
             mu_p, var_p = model.prior(i, mu_q[i + 1] if prior_of_mean else z[i + 1])
             mu_hat = Tensor(up[i][0].data) if detach else up[i + 1 if up_shifted else i][0]
@@ -411,7 +414,9 @@ def top_down_with(top_merge=False, kl_standard=False, detach=False, prior_of_mea
     ("skip_bottom", ["WRONG: top-down pass: top_down's z has no value for layer index 0 (z1)",
                      "does it reach i = 0?"]),
     ("kl_summed", ["layer z2: kl has shape (1, 5), expected (1, 5, 3) (the KL per unit: "
-                   "do not sum over the units)"]),
+                   "do not sum over the units)", "hint: kl[i] is the KL per unit"]),
+    ("top_kl_summed", ["layer z3: kl has shape (5,), expected (5, 2)",
+                       "hint: kl[i] is the KL per unit, of the shape of mu_q[i]: drop the sum"]),
     ("top_first", ["your z has [2, 3, 4] units per entry", "the lists look top first"]),
     # raised inside NumPy's broadcasting: the message points at the student's line
     ("up_shifted", ["your code raised ValueError", "(in top_down, line",
@@ -527,7 +532,9 @@ def test_notebook_with_the_solution_passes(name):
 @pytest.mark.slow
 def test_grade_a_students_folder(tmp_path, capsys):
     """A student's copy: one exercise solved, one wrong, one with its check cell edited
-    to print PASS (ignored: only the exercise cell is taken); the report says which."""
+    to print PASS (ignored: only the exercise cell is taken), one whose exercise cell
+    replaces the check function (the check cell reloads checks.py first); the report
+    says which, and lists the notebooks the folder lacks."""
     _need_jupyter()
     import nbformat
 
@@ -541,12 +548,23 @@ def test_grade_a_students_folder(tmp_path, capsys):
     student("01_softplus", solution_source("01_softplus"))
     student("03_gaussian_kl", solution_source("03_gaussian_kl").replace(" - 1)", ")"))
     student("06_reparameterize", blank_source("06_reparameterize"), check="print('PASS: all')")
+    student("02_merge", "merge_forward = merge_backward = None\n"
+                        "checks.check_merge = lambda *a: print('PASS: merge forward: ok') or True")
     status = grade.main([str(tmp_path)])
     out = capsys.readouterr().out
     assert status == 1, out
-    assert "01_softplus.ipynb: 2 of 2 parts pass" in out, out
+    assert f"{tmp_path / '01_softplus.ipynb'}: 2 of 2 parts pass" in out, out
     assert "03_gaussian_kl.ipynb: 1 of 2 parts pass" in out and "WRONG: KL forward" in out, out
     assert "06_reparameterize.ipynb: 0 of 2 parts pass" in out, out
+    assert "02_merge.ipynb: 0 of 2 parts pass" in out, out  # the real check ran
+    for name in ("04_batchnorm_backward", "05_iw_bound", "07_top_down"):
+        assert f"{tmp_path / name}.ipynb: MISSING" in out, out
+
+
+def test_grade_knows_every_exercise_and_its_parts():
+    assert grade.PARTS == {name: parts for name, (_, parts) in EXERCISE_CHECKS.items()}
+    assert set(grade.PARTS) == {os.path.splitext(os.path.basename(p))[0]
+                                for p in grade.exercise_notebooks()}
 
 
 # ----------------------------------------------------------------------------------
@@ -586,6 +604,63 @@ def test_merge_forward_mistakes_are_named(capsys, wrong_forward, hint):
     assert checks.check_merge(wrong_forward, solution("02_merge")["merge_backward"]) is False
     out = capsys.readouterr().out
     assert "WRONG: merge forward" in out and hint in out.split("hint: ")[1], out
+
+
+def test_a_reparameterize_that_sums_only_a_third_axis_is_told_why(capsys):
+    """The docstring's shapes, (B, d) with eps (B, d) or (K, B, d), read as a rule on
+    eps.ndim: the Monte Carlo part (mu of shape (3,), eps (200000, 3)) says what to sum."""
+    def reparameterize(mu, var, eps):
+        std = np.sqrt(var.data)
+
+        def backward(g):
+            d_mu, d_var = g, g * eps * 0.5 / std
+            if eps.ndim == 3:
+                d_mu, d_var = d_mu.sum(axis=0), d_var.sum(axis=0)
+            return d_mu, d_var
+        return record(mu.data + std * eps, (mu, var), backward)
+    assert checks.check_reparameterize(reparameterize) is False
+    out = capsys.readouterr().out
+    assert "PASS: reparameterize:" in out, out
+    assert ("WRONG: reparameterize, Monte Carlo: with mu of shape (3,) and eps of shape "
+            "(200000, 3), the gradients that reached mu and var have shapes (200000, 3)") in out, out
+    assert "not a test on eps.ndim" in out
+
+
+def test_a_naive_iw_bound_fails_on_very_low_log_weights(capsys):
+    ns = solution("05_iw_bound")
+    naive = lambda lw: autograd.log(autograd.mean(autograd.exp(lw), axis=0))
+    with np.errstate(all="ignore"):
+        assert checks.check_logsumexp_and_iw_bound(ns["logsumexp_array"], ns["logsumexp"],
+                                                   naive) is False
+    out = capsys.readouterr().out
+    assert "WRONG: importance-weighted bound: iw_bound of log-weights near -1000" in out, out
+    assert "build L_K from your logsumexp op" in out
+
+
+def test_batch_norm_dx_left_as_zero_or_blank(capsys):
+    """A student who does dgamma and dbeta first: a dx of zeros is named as such, and a
+    dx still None does not hold up the check of dgamma and dbeta."""
+    ns = solution("04_batchnorm_backward")
+    real = ns["batch_norm"]
+
+    def with_dx(dx_of):
+        def batch_norm(x, gamma, beta, eps=1e-5):
+            out = real(x, gamma, beta, eps)
+            backward = out._backward
+            def partial(g):
+                dx, dgamma, dbeta = backward(g)
+                return dx_of(dx), dgamma, dbeta
+            out._backward = partial
+            return out
+        return batch_norm
+    assert checks.check_batchnorm_backward(with_dx(np.zeros_like)) is False
+    out = capsys.readouterr().out
+    assert "PASS: batch norm backward, dgamma and dbeta" in out, out
+    assert "your dx is 0 everywhere (a placeholder?)" in out, out
+    assert checks.check_batchnorm_backward(with_dx(lambda dx: None)) is False
+    out = capsys.readouterr().out
+    assert "PASS: batch norm backward, dgamma and dbeta" in out, out
+    assert "NOT DONE YET" in out, out
 
 
 def test_merge_outputs_or_gradients_in_another_order(capsys):

@@ -315,7 +315,8 @@ md(r"""
 input row; derive a compact gradient by hand; see why "treat the statistics as
 constants" is wrong.
 
-The paper uses batch normalisation on every dense layer (the Gaussian heads included).
+The paper uses batch normalisation on every dense layer except the output layer of
+$p(x \mid z_1)$ (the Gaussian heads included).
 In training mode, for each feature (column) of a batch $x$ with $N$ rows:
 
 $$m = \frac1N\sum_n x_n, \quad v = \frac1N\sum_n (x_n - m)^2, \quad
@@ -333,9 +334,10 @@ backward. The forward is given. Given $g_n = \partial L/\partial y_n$:
   rows, times $1/\sqrt{v + \epsilon}$.
 
 Sanity checks for your formula: adding a constant to a column of $x$ does not change $y$,
-so the column sums of $\partial L/\partial x$ are zero; scaling a column about its mean
-does not change $y$ either (exactly so when $\epsilon = 0$), and together with the zero
-column sums this gives $\sum_n \hat x_n\, \partial L/\partial x_n = 0$.
+so the column sums of $\partial L/\partial x$ are zero; scaling a column about its mean,
+$x_n \to m + c\,(x_n - m)$, does not change $y$ either (exactly so when $\epsilon = 0$),
+so $\sum_n (x_n - m)\, \partial L/\partial x_n = 0$, that is
+$\sum_n \hat x_n\, \partial L/\partial x_n = 0$.
 """),
 md(HOW),
 code(SETUP),
@@ -514,7 +516,8 @@ from autograd import get_array_module, record, sum_to
 def reparameterize(mu, var, eps):
     """A sample z = mu + sqrt(var) * eps of N(mu, var), differentiable in mu and var.
 
-    mu, var: Tensors of shape (B, d); eps: an array of shape (B, d) or (K, B, d).
+    mu, var: Tensors of one shape, e.g. (B, d); eps: an array of that shape, or with
+    extra leading axes of samples, e.g. (K, B, d) (the check also uses mu (d,), eps (K, d)).
     """
     xp = get_array_module(mu.data)
     # YOUR CODE HERE: z (an array) from mu.data, var.data and eps

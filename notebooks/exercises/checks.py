@@ -197,12 +197,13 @@ def _finite_differences(scalar, arrays):
     return [numerical_gradient(scalar, arrays, i) for i in range(len(arrays))]
 
 
-def _op_gradients(name, op, arrays, weights, names=None):
+def _op_gradients(name, op, arrays, weights, names=None, only=None):
     """Run the student's op on leaf Tensors and backward(weights) through the engine.
 
     Returns one gradient per input (zeros where none arrived), after checking that the
     op returned a recorded Tensor and that its backward returned one gradient per parent
-    of the right shape.
+    of the right shape. With ``only`` (names), the other inputs' gradients may still be
+    blank (None): a student may do one part of a backward before the other.
     """
     leaves = [Tensor(np.array(a, dtype=np.float64), requires_grad=True) for a in arrays]
     out = op(*leaves)
@@ -216,7 +217,10 @@ def _op_gradients(name, op, arrays, weights, names=None):
                     f"with record(out_array, parents, backward), or from other ops")
     if all(any(p is leaf for leaf in leaves) for p in out._parents):  # a single op
         grads = out._backward(weights)  # the closure itself, to diagnose its return value
-        _blank(f"{name}'s backward", grads)
+        needed = grads
+        if only is not None and names and isinstance(grads, (tuple, list)):
+            needed = [g for g, label in zip(grads, names) if label in only]
+        _blank(f"{name}'s backward", needed)
         if not isinstance(grads, (tuple, list)):
             raise Wrong(f"{name}'s backward returned {type(grads).__name__}; it must return "
                         f"a tuple with one gradient per parent, e.g. `return (dx,)`")
@@ -261,7 +265,7 @@ def _check_op_gradients(name, op, arrays, names, hint=None, elementwise=True, se
         with no_grad():
             return float((np.asarray(op(*[Tensor(a) for a in arrs]).data) * weights).sum())
 
-    analytic = _op_gradients(name, op, arrays, weights, names)
+    analytic = _op_gradients(name, op, arrays, weights, names, only)
     numeric = _finite_differences(scalar, arrays)  # (cheap: the arrays are small)
     # shown at the worst entry: the inputs, any constants, and g = dL/d(out)
     inputs = dict(zip(names, arrays), **(extra or {}), g=weights)
@@ -461,7 +465,9 @@ def _merge_gradient_hint(name, got, g_mu, g_var, mu_hat, var_hat, mu_p, var_p):
             # a 0 where g_mu = 0 means the part through var_q is missing, where g_var = 0
             # the part through mu_q (or all of it): so this order of the next three
             f"this is only the part through mu_q: add g_var * d var_q / d {name}": g_mu * d_mu,
-            f"your gradient for {name} is 0, but mu_q and var_q depend on {name}": 0 * right,
+            (f"your gradient for {name} is 0 here, where g_var = 0: the part through mu_q, "
+             f"g_mu * d mu_q / d {name}, is missing" if not np.any(g_var) else
+             f"your gradient for {name} is 0, but mu_q and var_q depend on {name}"): 0 * right,
             f"this is only the part through var_q: add g_mu * d mu_q / d {name}": g_var * d_var,
         }
     candidates["the sign is flipped"] = -right
@@ -572,6 +578,9 @@ def _batch_norm_dx_hint(dx, x, eps):
     column sums are 0 (adding a constant to a column does not change y), and so are the
     column sums of xhat * dx (scaling a column about its mean does not change y, up to
     eps)."""
+    if not np.any(dx):
+        return ("your dx is 0 everywhere (a placeholder?): x reaches the loss through xhat "
+                "directly and through the batch mean and variance, which every row moves")
     xhat = (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + eps)
     scale = max(float(np.abs(dx).max()), 1e-12)
     if not np.allclose(dx.sum(axis=0) / scale, 0, atol=1e-6):
@@ -709,6 +718,11 @@ def check_iw_bound(iw_bound):
                         f"logsumexp op, then Tensor arithmetic)")
         _compare("iw_bound", got.data, expected,
                  hint="L_K = logsumexp_k(log w_k) - log K, one value per image (axis 0 is k)")
+        with no_grad():  # log-weights early in training: e^-1000 is 0 in float64
+            low = iw_bound(Tensor(log_w - 1000.0))
+        _compare("iw_bound of log-weights near -1000", np.asarray(low.data), expected - 1000.0,
+                 hint="e^-1000 is 0 in float64: build L_K from your logsumexp op, not from "
+                 "exp and mean")
         one = iw_bound(Tensor(log_w[:1].copy()))
         _compare("iw_bound with K = 1", one.data, log_w[0],
                  hint="with one sample L_1 = log w_1 (the ELBO estimate)")
@@ -772,6 +786,12 @@ def check_reparameterize(reparameterize):
         _blank("reparameterize", z)
         loss = autograd.mean(autograd.square(z), axis=0).sum()  # estimates sum E[z^2]
         loss.backward()
+        if np.shape(mu_t.grad) != mu.shape or np.shape(var_t.grad) != var.shape:
+            raise Wrong(f"with mu of shape {mu.shape} and eps of shape {eps.shape}, the "
+                        f"gradients that reached mu and var have shapes {np.shape(mu_t.grad)} "
+                        f"and {np.shape(var_t.grad)}",
+                        "sum over every axis that eps adds in front of mu's shape: "
+                        "autograd.sum_to(grad, mu.shape), not a test on eps.ndim")
         # E[z^2] = mu^2 + var: d/dmu = 2 mu, d/dvar = 1. The per-sample estimates are
         # 2 z and z eps / sqrt(var); allow 6 standard errors of their average.
         n, zs = len(eps), mu + np.sqrt(var) * eps
@@ -887,6 +907,9 @@ def _diagnose_layer(i, top, name, got, reference, up):
     if name == "z":
         return ("z_i = sample(mu_q_i, var_q_i), from the layer's merged posterior, once per "
                 "layer and from the top down (the noise comes in that order)")
+    if got.ndim == np.ndim(reference.kl_units[i].data) - 1:  # summed over the units
+        return ("kl[i] is the KL per unit, of the shape of mu_q[i]: drop the sum over the "
+                "units (the model sums them later)")
     if i == top:
         return "the top layer's KL is against N(0, I): gaussian_kl(mu_q, var_q, 0.0, 1.0)"
     against_standard = gaussian.gaussian_kl(reference.mu_q[i], reference.var_q[i], 0.0, 1.0)

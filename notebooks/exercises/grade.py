@@ -7,8 +7,12 @@
 
 A student's notebook is not run as it is: only its cell tagged ``exercise`` is taken,
 put into this folder's copy of the same notebook in place of the blank, and that copy
-is executed here, next to this folder's checks.py. So a student cannot change what is
-checked by editing the check cells or checks.py.
+is executed here, next to this folder's checks.py, which the check cell reloads first.
+So editing the check cells or a copy of checks.py changes nothing, and a report whose
+number of parts is not the exercise's is flagged. This guards against accidents, not
+against a determined student: the exercise cell runs in the same kernel as the check,
+so it could still patch the project's modules; read any exercise cell that touches
+``checks``, ``print`` or the project's modules.
 
 Each check cell prints one line per part of the exercise, starting with PASS, NOT DONE
 YET, WRONG or WRONG GRADIENT (see checks.py); the report counts them and repeats the
@@ -24,6 +28,12 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOLUTIONS = os.path.join(HERE, "solutions")
 HEADLINE = re.compile(r"^(PASS|NOT DONE YET|WRONG GRADIENT|WRONG):")
+# the parts of each exercise: one status line each
+PARTS = {"01_softplus": 2, "02_merge": 2, "03_gaussian_kl": 2, "04_batchnorm_backward": 2,
+         "05_iw_bound": 3, "06_reparameterize": 2, "07_top_down": 2}
+# put before the check cell's code: the check uses this folder's checks.py as it is on
+# disk, whatever the exercise cell did to the module it imported
+RELOAD_CHECKS = "import importlib; checks = importlib.reload(checks)\n"
 
 
 def exercise_notebooks(folder=HERE):
@@ -86,6 +96,8 @@ def grade(notebook_path, source=None, timeout=300):
     nb = read(os.path.join(HERE, os.path.basename(notebook_path)))
     if source is not None:
         fill_in(nb, source)
+    for cell in tagged(nb, "check"):
+        cell.source = RELOAD_CHECKS + cell.source
     return results(execute(nb, timeout))
 
 
@@ -114,8 +126,14 @@ def main(argv=None):
         notebooks = exercise_notebooks()
     known = {os.path.basename(p) for p in exercise_notebooks()}
     all_pass = True
+    for folder in [p for p in args.paths if os.path.isdir(p)]:
+        missing = known - {os.path.basename(p) for p in exercise_notebooks(folder)}
+        for name in sorted(missing):
+            print(f"{os.path.join(folder, name)}: MISSING")
+            all_pass = False
     for path in notebooks:
         name = os.path.basename(path)
+        label = path if args.paths else name  # whose notebook: alice/02_merge.ipynb
         try:
             if name not in known:
                 raise ValueError(f"not one of the exercises ({', '.join(sorted(known))})")
@@ -128,10 +146,14 @@ def main(argv=None):
             headlines, errors = grade(path, source, args.timeout)
         except Exception as e:  # a missing file, a broken notebook, no kernel
             headlines, errors = [], [f"{type(e).__name__}: {e}"]
+        expected = PARTS.get(os.path.splitext(name)[0])
+        if headlines and len(headlines) != expected:  # e.g. the student's code printed PASS
+            errors.append(f"the checks printed {len(headlines)} status lines, not the "
+                          f"exercise's {expected}: read the exercise cell")
         passed = sum(line.startswith("PASS:") for line in headlines)
         all_pass &= bool(headlines) and passed == len(headlines) and not errors
-        print(f"{name}: {passed} of {len(headlines)} parts pass"
-              + (f", {len(errors)} cell(s) raised an error" if errors else ""))
+        print(f"{label}: {passed} of {len(headlines)} parts pass"
+              + (f", {len(errors)} problem(s)" if errors else ""))
         for line in [h for h in headlines if not h.startswith("PASS:")] + errors:
             print(f"    {line}")
     return 0 if all_pass else 1
