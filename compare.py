@@ -68,6 +68,8 @@ def variant(config):
         name += "+WU"
     if config.get("iw_samples", 1) > 1:  # fine-tuned on the importance-weighted bound
         name += f"+IW{config['iw_samples']}"
+    if config.get("decay_lr"):  # not the paper's: a cosine learning-rate decay
+        name += "+cos lr"
     if config["dataset"] != "mnist":
         name += f" ({config['dataset']})"
     return name

@@ -7,6 +7,7 @@
     python train.py --iw_samples=10 --warmup=0 --lr=2e-4 --epochs=10 \
         --init_from=runs/lvae/ckpt.npz --out_dir=runs/lvae-iw   # IW fine-tuning, a new out_dir
     python train.py --device=cuda                     # on a GPU, through CuPy
+    python train.py --epochs=200 --decay_lr=true      # not the paper's: lr 2e-3 -> 2e-4 along a cosine
 
 Configuration: the plain values below; override any with --key=value (the type must
 match the default's; unknown keys are an error). Running again with the same out_dir
@@ -45,6 +46,9 @@ warmup = 200                    # epochs over which beta rises from 0 to 1 (0 = 
                                 #   must be 0 with iw_samples > 1: L_K has no KL term to weight)
 batch_size = 256
 lr = 2e-3                       # Adam learning rate (the paper's code README uses 2e-4)
+decay_lr = False                # True: the lr falls along a half cosine from lr (first epoch)
+                                #   to min_lr (last epoch); False: constant, the paper's recipe
+min_lr = 2e-4                   # the last epoch's lr when decay_lr is on
 clip_norm = 0.0                 # clip the global gradient norm (0 = off)
 iw_samples = 1                  # K > 1 trains on the importance-weighted bound L_K
 eval_interval = 50              # epochs between test evaluations (0 = only at the end)
@@ -125,7 +129,7 @@ def validate_config(config):
     for key in NON_NEGATIVE:
         if config[key] < 0:
             raise ConfigError(f"--{key} must be >= 0, got {config[key]}")
-    for key in ("lr", "clip_norm"):  # lr 0 freezes the weights (batch-norm statistics still move)
+    for key in ("lr", "min_lr", "clip_norm"):  # lr 0 freezes the weights (batch-norm statistics still move)
         if not (math.isfinite(config[key]) and config[key] >= 0):
             raise ConfigError(f"--{key} must be a finite number >= 0, got {config[key]}")
     for key in ("z_dims", "hidden"):
@@ -138,6 +142,9 @@ def validate_config(config):
                           f"{len(config['hidden'])}: give one hidden width per stochastic layer")
     if config["model"] not in lvae.MODELS:
         raise ConfigError(f"unknown model {config['model']!r}: choose one of {sorted(lvae.MODELS)}")
+    if config["decay_lr"] and config["min_lr"] > config["lr"]:
+        raise ConfigError(f"--min_lr={config['min_lr']} is above --lr={config['lr']}: with "
+                          f"--decay_lr the lr falls from --lr to --min_lr")
     if config["iw_samples"] > 1 and config["warmup"] > 0:
         raise ConfigError("--warmup weights the ELBO's KL terms, and the importance-weighted "
                           f"bound (--iw_samples={config['iw_samples']}) has none: add --warmup=0")
@@ -181,6 +188,21 @@ def check_resume(saved, config, step):
 def beta_for(epoch):
     """Deterministic warm-up: beta rises linearly from 0 to 1 over `warmup` epochs."""
     return 1.0 if warmup <= 0 else min(1.0, epoch / warmup)
+
+
+def lr_for(epoch):
+    """The learning rate of epoch ``epoch`` (0 = the first): ``lr`` throughout (the paper's
+    recipe), or with --decay_lr a half cosine from ``lr`` at the first epoch to ``min_lr``
+    at the last:
+
+        lr_e = min_lr + (lr - min_lr) (1 + cos(pi e / (epochs - 1))) / 2
+
+    Large steps early, while the model is far from a good optimum; small ones at the end,
+    where a constant lr keeps the weights jittering around it (which costs test nats). A
+    function of the epoch alone, so a resumed run continues on the same curve."""
+    if not decay_lr or epochs == 1:
+        return lr
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * epoch / (epochs - 1))) / 2
 
 
 def test_elbo(net, test_x, noise):
@@ -378,6 +400,7 @@ def main(argv):
             data_rng.bit_generator.state = state["data_rng"]
             epoch_rng_state = state["data_rng"]
             beta, first_step = beta_for(epoch), state["step"]
+            optimizer.lr = lr_for(epoch)
             sums = state["sums"] or {"elbo": 0.0, "log_px": 0.0, "kl": [0.0] * net.n_layers, "n": 0}
             pending = []  # per-step terms not yet added to sums
             t0 = time.perf_counter()
@@ -415,11 +438,12 @@ def main(argv):
             seconds = sums.get("seconds", 0.0) + time.perf_counter() - t0
             epoch += 1
             n = sums["n"]
-            record = {"epoch": epoch, "beta": beta, "train_elbo": sums["elbo"] / n,
-                      "train_log_px": sums["log_px"] / n, "kl": [k / n for k in sums["kl"]],
-                      "seconds": seconds}
+            record = {"epoch": epoch, "beta": beta, "lr": optimizer.lr,
+                      "train_elbo": sums["elbo"] / n, "train_log_px": sums["log_px"] / n,
+                      "kl": [k / n for k in sums["kl"]], "seconds": seconds}
             kl_text = " ".join(f"{k:.2f}" for k in record["kl"])
-            line = (f"epoch {epoch}: beta {beta:.2f}, train elbo {record['train_elbo']:.2f}, "
+            lr_text = f"lr {optimizer.lr:.2e}, " if decay_lr else ""
+            line = (f"epoch {epoch}: beta {beta:.2f}, {lr_text}train elbo {record['train_elbo']:.2f}, "
                     f"KL per layer (z1..z{net.n_layers}) {kl_text}, {seconds:.1f}s")
             if eval_interval and epoch % eval_interval == 0 or epoch == epochs:
                 # evaluations draw their own noise: when (and whether) they run must not

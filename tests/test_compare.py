@@ -41,6 +41,7 @@ def final(lk, k=1000, images=2000):
     ({"model": "lvae", "batch_norm": True, "warmup": 0, "iw_samples": 10}, "LVAE+BN+IW10"),
     ({"model": "lvae", "batch_norm": False, "warmup": 5, "dataset": "fashion_mnist"},
      "LVAE+WU (fashion_mnist)"),
+    ({"model": "lvae", "batch_norm": True, "warmup": 200, "decay_lr": True}, "LVAE+BN+WU+cos lr"),
 ])
 def test_variant_names_are_the_papers(config, name):
     assert compare.variant({**CONFIG, "iw_samples": 1, **config}) == name

@@ -266,6 +266,41 @@ def test_resume_after_a_finished_run_continues_identically(run, tmp_path, eval_i
         assert "test_elbo" in mb[1] and "test_elbo" not in ma[1]
 
 
+def test_cosine_lr_decay_goes_from_lr_to_min_lr_and_is_used_by_adam(run, tmp_path, monkeypatch):
+    """--decay_lr: epoch e trains at min_lr + (lr - min_lr)(1 + cos(pi e / (epochs - 1))) / 2
+    (from lr at the first epoch to min_lr at the last, recorded per epoch), and Adam steps
+    with that lr; without it the lr stays constant."""
+    used = []
+    real = layers.Adam.step
+    monkeypatch.setattr(layers.Adam, "step", lambda self: (used.append(self.lr), real(self))[1])
+    assert run(tmp_path / "cos", "--epochs=4", "--lr=1e-2", "--decay_lr=true", "--min_lr=1e-3") == 0
+    # cos(0) = 1, cos(pi/3) = 1/2, cos(2 pi/3) = -1/2, cos(pi) = -1 (a linear decay would
+    # give 7e-3 and 4e-3 in the middle)
+    expected = [1e-2, 1e-3 + 0.75 * 9e-3, 1e-3 + 0.25 * 9e-3, 1e-3]
+    assert [r["lr"] for r in read_metrics(tmp_path / "cos")] == pytest.approx(expected, rel=1e-12)
+    assert used == pytest.approx(np.repeat(expected, STEPS_PER_EPOCH), rel=1e-12)
+
+    used.clear()
+    assert run(tmp_path / "constant", "--epochs=2", "--lr=1e-2") == 0
+    assert [r["lr"] for r in read_metrics(tmp_path / "constant")] == [1e-2, 1e-2]
+    assert set(used) == {1e-2}
+
+
+def test_ctrl_c_then_resume_with_lr_decay_is_identical(run, tmp_path, monkeypatch):
+    """The decayed lr is a function of the epoch alone: a run stopped in its second epoch
+    resumes on the same curve."""
+    flags = ["--epochs=3", "--decay_lr=true", "--min_lr=1e-4"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(straight, *flags) == 0
+    real = layers.Adam.step
+    monkeypatch.setattr(layers.Adam, "step", interrupt_on_call(real, STEPS_PER_EPOCH + 3))
+    assert run(stopped, *flags) == 1
+    monkeypatch.setattr(layers.Adam, "step", real)
+    assert run(stopped, *flags) == 0
+    assert_same_checkpoint(straight, stopped)
+    assert without_timings(read_metrics(straight)) == without_timings(read_metrics(stopped))
+
+
 def test_running_again_after_the_last_epoch_does_nothing(run, tmp_path):
     out = tmp_path / "run"
     assert run(out, "--epochs=1") == 0
@@ -698,12 +733,14 @@ def test_unknown_device_model_and_dataset(run, tmp_path):
     ("--final_lk_images=-9990", r"--final_lk_images must be >= 0"),
     ("--seed=-1", r"--seed must be >= 0"),
     ("--out_dir=", r"--out_dir must name a folder"),
+    ("--min_lr=-1e-4", r"--min_lr must be a finite number >= 0"),
+    ("--decay_lr=true --min_lr=0.1", r"--min_lr=0.1 is above --lr=0.002"),
 ])
 def test_option_values_that_cannot_work_are_refused_before_loading_data(
         run, tmp_path, monkeypatch, arg, pattern):
     monkeypatch.setattr(data, "load_dataset", lambda *a: pytest.fail("data loaded"))
     with pytest.raises(ValueError, match=pattern):
-        run(tmp_path / "run", arg)
+        run(tmp_path / "run", *arg.split())
 
 
 def test_out_dir_that_is_a_file_and_warm_up_with_the_iw_bound(run, tmp_path):
