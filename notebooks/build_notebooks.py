@@ -866,13 +866,13 @@ def training():
             logits = net.decode(z)                                 # p(x | z_1)
             log_px = bernoulli_log_prob(logits, Tensor(np.broadcast_to(x, logits.shape))).sum(axis=-1)
 
-            log_px_lib, layers = net(x, lvae.Noise(42))            # the library, same random numbers
+            log_px_lib, results = net(x, lvae.Noise(42))           # the library, same random numbers
         for i in range(net.n_layers):
-            print(f"z{i + 1}: {Z_DIMS[i]:2d} units, sample shape {layers.z[i].shape}, KL by hand "
-                  f"{kl[i].data.mean():7.3f}, library {layers.kl[i].data.mean():7.3f}")
+            print(f"z{i + 1}: {Z_DIMS[i]:2d} units, sample shape {results.z[i].shape}, KL by hand "
+                  f"{kl[i].data.mean():7.3f}, library {results.kl[i].data.mean():7.3f}")
         print(f"log p(x|z1): by hand {log_px.data.mean():.3f}, library {log_px_lib.data.mean():.3f}")
         print("largest difference:", max(np.abs(log_px.data - log_px_lib.data).max(),
-                                         *(np.abs(kl[i].data - layers.kl[i].data).max() for i in range(net.n_layers))))
+                                         *(np.abs(kl[i].data - results.kl[i].data).max() for i in range(net.n_layers))))
         '''),
         md(r"""
         ## 3. The objective and warm-up
