@@ -1,4 +1,4 @@
-"""Train a Ladder VAE (or the bottom-up hierarchical VAE) on dynamically binarised MNIST.
+r"""Train a Ladder VAE (or the bottom-up hierarchical VAE) on dynamically binarised MNIST.
 
     python train.py                                   # the paper's recipe (2000 epochs)
     python train.py --epochs=10 --warmup=5 --final_lk_samples=1000 --final_lk_images=2000
@@ -98,8 +98,8 @@ def apply_overrides(args, namespace):
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 parsed = value.lower() in ("true", "1")
-            elif isinstance(default, tuple):
-                parsed = tuple(int(v) for v in value.split(",") if v)
+            elif isinstance(default, tuple):  # 64,32,16 (also as Python writes it: (64, 32, 16))
+                parsed = tuple(int(v) for v in value.strip("() ").split(",") if v.strip())
             elif isinstance(default, float):
                 parsed = float(value)
             else:
@@ -107,7 +107,8 @@ def apply_overrides(args, namespace):
         except ValueError:
             kind = {"int": "an integer", "float": "a number", "str": "a string",
                     "bool": "true or false", "tuple": "comma-separated integers"}[type(default).__name__]
-            raise SystemExit(f"error: --{key} expects {kind} like {default!r}, got {value!r}") from None
+            example = ",".join(map(str, default)) if isinstance(default, tuple) else repr(default)
+            raise SystemExit(f"error: --{key} expects {kind} like {example}, got {value!r}") from None
         namespace[key] = parsed
 
 
@@ -354,7 +355,6 @@ def main(argv):
         check_device(device)
     except (ValueError, RuntimeError) as e:  # an unknown name, or no usable CUDA device
         raise ConfigError(f"--device={device}: {e}") from None
-    os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "ckpt.npz")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
 
@@ -385,6 +385,7 @@ def main(argv):
         print(f"initialised weights from {init_from}")
     print(f"{model}: {sum(p.size for p in net.parameters()):,} parameters, {dataset} "
           f"{ds.train_x.shape[0]} train / {ds.test_x.shape[0]} test, device {device}")
+    os.makedirs(out_dir, exist_ok=True)  # only now: a run that cannot start leaves no folder
 
     def save(epoch, step, sums, epoch_rng_state):
         check_weights_finite(net, f"epoch {epoch + 1 if step else epoch}", ckpt_path)

@@ -670,7 +670,7 @@ def test_unknown_option_lists_the_valid_ones(run, tmp_path):
     ("--epochs=abc", r"--epochs expects an integer like 2000, got 'abc'"),
     ("--lr=fast", r"--lr expects a number like 0.002"),
     ("--batch_norm=maybe", r"--batch_norm expects true or false"),
-    ("--z_dims=4,x", r"--z_dims expects comma-separated integers like \(4, 2\), got '4,x'"),
+    ("--z_dims=4,x", r"--z_dims expects comma-separated integers like 4,2, got '4,x'"),
 ])
 def test_wrong_type_names_the_key_and_the_type(run, tmp_path, arg, pattern):
     with pytest.raises(SystemExit, match=pattern):
@@ -691,6 +691,16 @@ def test_overrides_are_parsed_with_the_defaults_types(fake_data):
     assert namespace["epochs"] == 7 and isinstance(namespace["epochs"], int)
     assert namespace["lr"] == 1e-3 and namespace["batch_norm"] is False
     assert namespace["z_dims"] == (8, 4, 2) and namespace["out_dir"] == "x=y"
+    # the tuple as --help prints the default (Python's form) is read too
+    train.apply_overrides(["--hidden=(512, 256, 128)", "--z_dims=(8,)"], namespace)
+    assert namespace["hidden"] == (512, 256, 128) and namespace["z_dims"] == (8,)
+
+
+def test_a_run_that_cannot_load_its_data_leaves_no_folder(run, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(data.DataError):
+        run(out, "--dataset=omniglot", f"--data_root={tmp_path / 'nothing-here'}")
+    assert not out.exists()
 
 
 def test_overrides_do_not_leak_after_reload(run, tmp_path):
