@@ -1,6 +1,6 @@
 """Write (and optionally run) the teaching notebooks from the cell texts below.
 
-    python notebooks/build_notebooks.py                 # write the four .ipynb, without outputs
+    python notebooks/build_notebooks.py                 # write the four .ipynb, WITHOUT outputs
     python notebooks/build_notebooks.py --execute       # ... and run them in place (the committed run)
     python notebooks/build_notebooks.py --execute 03    # only the notebooks whose name contains 03
     python notebooks/build_notebooks.py --text          # new markdown only, keeping the committed outputs
@@ -1405,9 +1405,19 @@ def with_new_text(name):
 
 
 def main(argv):
+    if "--help" in argv or "-h" in argv:
+        print(__doc__.strip())
+        return
+    # refuse a mistyped flag: a plain rebuild would replace the committed outputs
+    unknown = [a for a in argv if a.startswith("-") and a not in ("--execute", "--text")]
+    if unknown:
+        sys.exit(f"unknown option {unknown[0]!r}: use --execute, --text or --help")
     run = "--execute" in argv
     text_only = "--text" in argv
     wanted = [a for a in argv if not a.startswith("--")]
+    unmatched = [w for w in wanted if not any(w in name for name in NOTEBOOKS)]
+    if unmatched:
+        sys.exit(f"no notebook name contains {unmatched[0]!r}: {', '.join(NOTEBOOKS)}")
     for name in NOTEBOOKS:
         if wanted and not any(w in name for w in wanted):
             continue

@@ -561,6 +561,12 @@ def test_grade_a_students_folder(tmp_path, capsys):
         assert f"{tmp_path / name}.ipynb: MISSING" in out, out
 
 
+def test_grade_names_a_path_that_does_not_exist(tmp_path, capsys):
+    status = grade.main([str(tmp_path / "alice")])
+    out = capsys.readouterr().out
+    assert status == 1 and "no such file or folder" in out, out
+
+
 def test_grade_knows_every_exercise_and_its_parts():
     assert grade.PARTS == {name: parts for name, (_, parts) in EXERCISE_CHECKS.items()}
     assert set(grade.PARTS) == {os.path.splitext(os.path.basename(p))[0]

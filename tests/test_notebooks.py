@@ -163,3 +163,24 @@ def test_text_only_rebuild_keeps_outputs_and_refuses_changed_code(monkeypatch):
     build_with(changed_code)
     with pytest.raises(SystemExit, match="differs from the committed one"):
         build_notebooks.with_new_text(name)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--txet"], "unknown option '--txet'"),
+    (["--execute", "07"], "no notebook name contains '07'"),
+])
+def test_a_mistyped_build_command_writes_nothing(monkeypatch, argv, message):
+    """A plain rebuild writes the notebooks without outputs: a typo must not trigger one."""
+    build_notebooks = _builder()
+    monkeypatch.setattr(build_notebooks.nbformat, "write",
+                        lambda *a: pytest.fail("a notebook was written"))
+    with pytest.raises(SystemExit, match=message):
+        build_notebooks.main(argv)
+
+
+def test_build_help_prints_the_usage_and_writes_nothing(monkeypatch, capsys):
+    build_notebooks = _builder()
+    monkeypatch.setattr(build_notebooks.nbformat, "write",
+                        lambda *a: pytest.fail("a notebook was written"))
+    build_notebooks.main(["--help"])
+    assert "--execute" in capsys.readouterr().out

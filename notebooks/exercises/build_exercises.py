@@ -674,4 +674,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:] in (["--help"], ["-h"]):
+        print(__doc__.strip())
+    elif sys.argv[1:]:
+        sys.exit(f"build_exercises.py takes no options, got {' '.join(sys.argv[1:])!r}")
+    else:
+        main()

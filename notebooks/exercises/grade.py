@@ -135,6 +135,8 @@ def main(argv=None):
         name = os.path.basename(path)
         label = path if args.paths else name  # whose notebook: alice/02_merge.ipynb
         try:
+            if not os.path.exists(path):
+                raise FileNotFoundError("no such file or folder")
             if name not in known:
                 raise ValueError(f"not one of the exercises ({', '.join(sorted(known))})")
             if args.solutions:
