@@ -199,8 +199,9 @@ def lr_for(epoch):
         lr_e = min_lr + (lr - min_lr) (1 + cos(pi e / (epochs - 1))) / 2
 
     Large steps early, while the model is far from a good optimum; small ones at the end,
-    where a constant lr keeps the weights jittering around it (which costs test nats). A
-    function of the epoch alone, so a resumed run continues on the same curve."""
+    where a constant lr keeps the weights jittering around it. Measured (README, Results):
+    +1.2 nats of test ELBO after 30 epochs, +0.3 after 200. A function of the epoch alone,
+    so a resumed run continues on the same curve."""
     if not decay_lr or epochs == 1:
         return lr
     return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * epoch / (epochs - 1))) / 2
