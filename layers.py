@@ -545,7 +545,11 @@ class Adam:
         _check_number("eps", eps, low=0)
         if clip_norm is not None:
             _check_number("clip_norm", clip_norm, low=0, low_open=True)
-        self.lr, self.beta1, self.beta2, self.eps, self.clip_norm = lr, beta1, beta2, eps, clip_norm
+        # Python floats, whatever number type came in: a NumPy float64 next to float32
+        # arrays would make float64 results (NumPy's promotion rules), which the fused
+        # GPU kernel refuses; a Python float takes the arrays' dtype.
+        self.lr, self.beta1, self.beta2, self.eps = float(lr), float(beta1), float(beta2), float(eps)
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.t = 0
         self.m = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
         self.v = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
