@@ -69,14 +69,16 @@ def check_device(device):
 def check_same_device(op, *inputs):
     """A TypeError naming ``op`` when its inputs (arrays or Tensors) are on different
     devices. CuPy does not mix with NumPy: without this check the error would come from
-    inside CuPy and speak of unsupported types. Scalars (numbers, 0-d arrays) are left
-    out; where CuPy is not installed there is nothing to mix, and the check returns at once."""
+    inside CuPy and speak of unsupported types. Python numbers and NumPy scalars
+    (np.float32(2)) are left out, as CuPy takes them anywhere; a NumPy array is checked
+    whatever its shape, 0-d included, since CuPy refuses those too. Where CuPy is not
+    installed there is nothing to mix, and the check returns at once."""
     if cupy is None:
         return
     on_gpu = set()
     for x in inputs:
         data = x.data if isinstance(x, Tensor) else x
-        if getattr(data, "ndim", 0) > 0:
+        if isinstance(data, (np.ndarray, cupy.ndarray)):
             on_gpu.add(isinstance(data, cupy.ndarray))
     if len(on_gpu) > 1:
         raise TypeError(f"{op}: the inputs are on different devices, some NumPy arrays "
@@ -259,12 +261,18 @@ def tensor(data, requires_grad=False, dtype=None):
 
 
 def as_tensor(x, like=None):
-    """Tensors pass through; numbers become constants with the dtype of ``like``."""
+    """Tensors pass through; Python numbers become constants with the dtype of ``like``;
+    NumPy scalars (np.float64(2)) keep their own dtype, as in NumPy, and go to ``like``'s
+    device, as CuPy takes them next to its arrays (a NumPy *array* does not move: mixing
+    devices is an error, see check_same_device)."""
     if isinstance(x, Tensor):
         return x
     if like is not None and not hasattr(x, "shape"):  # a Python number
         return Tensor(get_array_module(like.data).asarray(x, dtype=like.dtype))
-    return tensor(x)
+    constant = tensor(x)
+    if like is not None and isinstance(x, np.generic):
+        constant.data = get_array_module(like.data).asarray(constant.data)
+    return constant
 
 
 def record(data, parents, backward):

@@ -27,6 +27,7 @@ def fake_cupy(monkeypatch):
     """Make StandInGpuArray count as the GPU's array type; returns a converter."""
     stand_in = types.ModuleType("cupy_stand_in")
     stand_in.ndarray = StandInGpuArray
+    stand_in.asarray = lambda a, dtype=None: np.asarray(a, dtype).view(StandInGpuArray)
     monkeypatch.setattr(autograd, "cupy", stand_in)
     return lambda a: np.asarray(a).view(StandInGpuArray)
 
@@ -39,6 +40,21 @@ def test_check_same_device_ignores_numbers_and_accepts_one_device(fake_cupy):
     autograd.check_same_device("op", fake_cupy(np.ones(2)), Tensor(fake_cupy(np.ones(2))), 1)
     with pytest.raises(TypeError, match=f"op: the inputs are {MIXED}"):
         autograd.check_same_device("op", np.ones(2), fake_cupy(np.ones(2)))
+
+
+def test_check_same_device_takes_numpy_scalars_but_not_0d_arrays(fake_cupy):
+    """CuPy takes a NumPy scalar (np.float32(2)) next to its arrays, but refuses a NumPy
+    array of any shape, 0-d included ("Unsupported type <class 'numpy.ndarray'>", from
+    CuPy's kernel-argument code): the check must tell the two apart."""
+    gpu = Tensor(fake_cupy(np.ones(2)))
+    autograd.check_same_device("op", gpu, np.float32(2), np.float64(3), 2.0)
+    for scalar in (np.float32(2), np.float64(2), 2.0):  # a scalar operand goes where gpu is
+        assert isinstance((gpu * scalar).data, StandInGpuArray)
+        assert isinstance((scalar - gpu).data, StandInGpuArray)
+    with pytest.raises(TypeError, match=f"mul: the inputs are {MIXED}"):
+        autograd.mul(gpu, Tensor(np.array(2.0)))
+    with pytest.raises(TypeError, match=f"op: the inputs are {MIXED}"):
+        autograd.check_same_device("op", fake_cupy(np.array(1.0)), np.ones(2))
 
 
 @pytest.mark.parametrize("op", ["add", "sub", "mul", "div", "matmul"])
@@ -100,6 +116,9 @@ def test_mixed_devices_on_a_real_gpu():
     cupy = autograd.cupy
     with pytest.raises(TypeError, match=f"add: the inputs are {MIXED}"):
         Tensor(np.ones(3)) + Tensor(cupy.ones(3))
+    with pytest.raises(TypeError, match=f"mul: the inputs are {MIXED}"):
+        Tensor(cupy.ones(3)) * Tensor(np.array(2.0))  # 0-d: CuPy refuses those too
+    (Tensor(cupy.ones(3)) * np.float32(2)).data.get()  # a NumPy scalar is taken
     with pytest.raises(TypeError, match=f"merge: the inputs are {MIXED}"):
         gaussian.merge(Tensor(cupy.ones(3)), cupy.ones(3), np.ones(3), 1.0)
     with pytest.raises(TypeError, match=f"concatenate: the inputs are {MIXED}"):
