@@ -132,22 +132,34 @@ class GraphStep:
             self.prepare(batch, beta)  # on the graph's stream: ordered before the launch
             with cupy.cuda.using_allocator(self.pool.malloc):
                 if self.graph is None and self.steps_done >= WARMUP_STEPS:
-                    gc.collect()  # no deferred frees of old arrays inside the recording
-                    self.stream.begin_capture()
+                    # no frees of old arrays inside the recording: collect the garbage
+                    # now, and keep the collector from running (and freeing) until it ends
+                    gc.collect()
+                    collector_was_on = gc.isenabled()
+                    gc.disable()
                     try:
-                        self.body()  # recorded, not run
-                    except BaseException:
-                        try:  # leave the stream usable; the body's error is the one to see
-                            self.stream.end_capture()
-                        except Exception:
-                            pass
-                        raise
-                    self.graph = self.stream.end_capture()
+                        self.graph = self._record()
+                    finally:
+                        if collector_was_on:
+                            gc.enable()
                 if self.graph is None:
                     self.body()
                 else:
                     self.graph.launch(self.stream)
         self.steps_done += 1
+
+    def _record(self):
+        """The body recorded as a CUDA graph on ``self.stream``, not run."""
+        self.stream.begin_capture()
+        try:
+            self.body()
+        except BaseException:
+            try:  # leave the stream usable; the body's error is the one to see
+                self.stream.end_capture()
+            except Exception:
+                pass
+            raise
+        return self.stream.end_capture()
 
     def synchronize(self):
         if self.record:

@@ -4,6 +4,7 @@ On the CPU its step body (fixed buffers, beta and Adam's scalars as 0-d arrays) 
 against the step train.py takes; on a GPU, replays of the recorded graph are checked
 against the same step run eagerly.
 """
+import gc
 import os
 import sys
 
@@ -157,7 +158,7 @@ def test_recording_sequence_with_a_stand_in_for_cupy(monkeypatch):
     graph_step.pool = cuda.MemoryPool()
     bodies = []
     real_body = graph_step.body
-    graph_step.body = lambda: (bodies.append(len(log)), real_body())
+    graph_step.body = lambda: (bodies.append(gc.isenabled()), real_body())
     for x in batches(WARMUP_STEPS + 3):
         graph_step.step(x)
     graph_step.synchronize()
@@ -172,7 +173,26 @@ def test_recording_sequence_with_a_stand_in_for_cupy(monkeypatch):
             current.append(entry)
     assert len(steps) == WARMUP_STEPS + 3 and log[-1] == "synchronize"
     assert len(bodies) == WARMUP_STEPS + 1  # the warm-up steps and the recording
+    # Python's garbage collector is off while recording (a free then could hand memory
+    # the graph uses to another array), and on again after
+    assert bodies == [True] * WARMUP_STEPS + [False] and gc.isenabled()
     assert steps[:WARMUP_STEPS] == [["private pool"]] * WARMUP_STEPS
     assert steps[WARMUP_STEPS] == ["private pool", "begin_capture", "end_capture", "launch"]
     assert steps[WARMUP_STEPS + 1:] == [["private pool", "launch"]] * 2
     assert adam.t == WARMUP_STEPS + 3  # Adam's step count still moves on the host
+
+    # a body that fails while recording: the capture is ended, the collector is on again,
+    # and the body's error is the one raised
+    log.clear()
+    failing = GraphStep(net, adam, BATCH)
+    failing.record, failing.stream, failing.pool = True, Stream(), cuda.MemoryPool()
+    failing.steps_done = WARMUP_STEPS  # record at the next step
+
+    def broken_body():
+        raise RuntimeError("body failed")
+    failing.body = broken_body
+    with pytest.raises(RuntimeError, match="body failed"):
+        failing.step(batches(1)[0])
+    assert log == ["enter stream", "private pool", "begin_capture", "end_capture",
+                   "exit stream"]
+    assert gc.isenabled() and failing.graph is None
