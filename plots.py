@@ -264,7 +264,9 @@ def kl_per_unit(kl_units, path, active_threshold=0.01, activity=None):
             raise ValueError(f"activity shapes {shapes[1]} differ from kl_units shapes "
                              f"{shapes[0]}")
     width = max(len(r) for r in rows)
-    grid = np.ma.masked_all((len(rows), width))
+    # zeros under the mask, not np.ma.masked_all's uninitialised memory: matplotlib scales
+    # the masked values too, and leftover bytes such as 1e308 overflow there
+    grid = np.ma.masked_array(np.zeros((len(rows), width)), mask=True)
     for i, r in enumerate(rows):
         grid[i, :len(r)] = np.sort(r)[::-1]
     fig, ax = _subplots(figsize=(min(14, 4 + 0.15 * width), 1.4 + 0.5 * len(rows)),

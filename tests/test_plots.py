@@ -5,6 +5,7 @@ CPU only, a few seconds in all. Skipped where matplotlib is not installed.
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,21 @@ def test_kl_per_unit_with_activity(tmp_path):
     path = plots.kl_per_unit(kl, tmp_path / "units.png", activity=activity)
     assert_png(path)
     assert_png(plots.kl_per_unit(kl, tmp_path / "units_plain.png"))
+
+
+def test_kl_per_unit_padding_is_not_uninitialised_memory(tmp_path):
+    """Short layers are padded with masked cells; matplotlib's colormap still multiplies
+    the values under the mask. Made with np.ma.masked_all they were whatever memory the
+    grid got: after an array of 1e308 was freed, "overflow encountered in multiply", which
+    failed this suite at random. The array below is freed just before the plot so that
+    the grid is likely to reuse its memory (it did, 20 times in 20, before the fix)."""
+    kl = [np.random.default_rng(0).exponential(0.5, u) for u in UNITS]
+    for attempt in range(3):
+        leftover = np.full((len(UNITS), max(UNITS)), 1e308)
+        del leftover
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            assert_png(plots.kl_per_unit(kl, tmp_path / f"units{attempt}.png"))
 
 
 def test_kl_per_unit_bad_inputs(tmp_path):
