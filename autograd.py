@@ -28,6 +28,19 @@ import numpy as np
 
 import kernels  # fused GPU versions of a few array functions (used only for CuPy arrays)
 
+
+def check_numpy_version(version):
+    """An ImportError for NumPy 1.x: its promotion rules differ from NumPy 2's (NEP 50),
+    which the ops and the fused kernels follow (under 1.x a float32 0-d array divided by a
+    Python number becomes float64, so dtypes would drift and differ between CPU and GPU)."""
+    major = int(version.split(".")[0])
+    if major < 2:
+        raise ImportError(f"this code needs NumPy 2.0 or newer, found NumPy {version}: "
+                          f"pip install -r requirements.txt")
+
+
+check_numpy_version(np.__version__)
+
 try:  # CuPy is optional: importing it works without a driver, so also ask for a device.
     import cupy
     _CUDA_AVAILABLE = bool(cupy.cuda.is_available())

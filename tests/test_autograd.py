@@ -623,3 +623,13 @@ def test_sum_to_undoes_broadcasting():
         assert out.shape == shape, f"sum_to should give shape {shape}, got {out.shape}"
         np.testing.assert_array_equal(out, np.full(shape, float(value)),
                                       err_msg=f"sum_to {shape} should sum {value} ones")
+
+
+def test_numpy_1_is_refused_with_a_clear_error():
+    """NumPy 1.x promotes dtypes differently (a float32 0-d array / 3 is float64 there):
+    importing the engine under it stops with an ImportError that says what to install."""
+    for old in ("1.24.4", "1.26.0"):
+        with pytest.raises(ImportError, match=f"needs NumPy 2.0 or newer, found NumPy {old}"):
+            autograd.check_numpy_version(old)
+    for new in ("2.0.2", "2.4.6", "3.0.0.dev0"):
+        autograd.check_numpy_version(new)
