@@ -23,6 +23,7 @@ Nothing is recorded inside ``with no_grad():``.
 New ops are written with ``record(out_array, parents, backward)``: see any op below.
 """
 import contextlib
+import re
 
 import numpy as np
 
@@ -41,12 +42,32 @@ def check_numpy_version(version):
 
 check_numpy_version(np.__version__)
 
+# CuPy 13.2 and older fail under NumPy 2: 13.0 and 13.1 do not import, and 13.2's
+# RandomState.seed refuses every int (cupy issue 8392, fixed in 13.3), which lvae.Noise calls.
+MIN_CUPY_VERSION = (13, 3)
+
+
+def cupy_version_problem(version):
+    """Why CuPy ``version`` cannot be used here (a sentence), or None if it can."""
+    major_minor = re.match(r"(\d+)\.(\d+)", version)  # "14.0.0rc1" -> 14, 0
+    if major_minor and tuple(map(int, major_minor.groups())) < MIN_CUPY_VERSION:
+        return (f"CuPy {version} is too old: CuPy 13.3 or newer is needed with NumPy 2 "
+                f"(pip install -U cupy-cuda12x)")
+    return None
+
+
 try:  # CuPy is optional: importing it works without a driver, so also ask for a device.
     import cupy
-    _CUDA_AVAILABLE = bool(cupy.cuda.is_available())
-except Exception:  # not installed, or a broken CUDA install: use NumPy only
+    _CUDA_PROBLEM = cupy_version_problem(cupy.__version__)
+    if _CUDA_PROBLEM is None and not cupy.cuda.is_available():
+        _CUDA_PROBLEM = "CuPy finds no working CUDA device (check `nvidia-smi`)"
+except ModuleNotFoundError:
     cupy = None
-    _CUDA_AVAILABLE = False
+    _CUDA_PROBLEM = "CuPy is not installed (pip install cupy-cuda12x)"
+except Exception as error:  # a broken CUDA or CuPy install: say what it was, use NumPy only
+    cupy = None
+    _CUDA_PROBLEM = f"CuPy is installed but failed to import ({type(error).__name__}: {error})"
+_CUDA_AVAILABLE = _CUDA_PROBLEM is None
 
 DEFAULT_DTYPE = np.float32
 
@@ -55,8 +76,14 @@ DEFAULT_DTYPE = np.float32
 # Backend: numpy or cupy, picked from the data
 # ----------------------------------------------------------------------------------
 def cuda_available():
-    """True when CuPy is installed and a CUDA device can be used."""
+    """True when CuPy (13.3 or newer) is installed and a CUDA device can be used;
+    ``cuda_problem()`` says why not."""
     return _CUDA_AVAILABLE
+
+
+def cuda_problem():
+    """Why CUDA cannot be used here (a sentence), or None when it can."""
+    return _CUDA_PROBLEM
 
 
 def get_array_module(x):
@@ -73,9 +100,8 @@ def check_device(device):
     if device not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
     if device == "cuda" and not _CUDA_AVAILABLE:
-        raise RuntimeError("device 'cuda' was asked for, but CuPy with a working CUDA "
-                           "device is not available here (pip install cupy-cuda12x, "
-                           "and check `nvidia-smi`); use device='cpu'")
+        raise RuntimeError(f"device 'cuda' was asked for, but CUDA is not available here: "
+                           f"{_CUDA_PROBLEM}; use device='cpu'")
     return device
 
 

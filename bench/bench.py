@@ -221,7 +221,7 @@ def machine_info():
             f"cupy {cupy.__version__}, CUDA runtime {rt.runtimeGetVersion()}, driver "
             f"{rt.driverGetVersion()}; CUPY_TF32={os.environ.get('CUPY_TF32', '0 (default)')}")
     else:
-        rep("GPU: none usable (CuPy missing or no CUDA device)")
+        rep(f"GPU: none usable: {autograd.cuda_problem()}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -1341,7 +1341,7 @@ def main():
     if ARGS.device in ("cuda", "all"):
         if cupy is None:
             rep.section("GPU")
-            rep("  skipped: no CUDA (CuPy with a usable CUDA device is needed)")
+            rep(f"  skipped: no CUDA: {autograd.cuda_problem()}")
         else:
             gpu_kernels(res)
             gpu_steps(res)

@@ -17,7 +17,7 @@ if ROOT not in sys.path:
 import autograd  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not autograd.cuda_available(),
-                                   reason="needs CuPy and a CUDA device")
+                                   reason=f"needs CuPy and a CUDA device: {autograd.cuda_problem()}")
 
 
 @pytest.fixture(params=[pytest.param("numpy"),
