@@ -117,7 +117,7 @@ class GraphStep:
         if batch.shape != self.x.shape:
             raise ValueError(f"GraphStep: batches must have shape {self.x.shape} (a recorded "
                              f"step has fixed shapes), got {batch.shape}")
-        self.x[...] = batch
+        self.x[...] = self.xp.asarray(batch)  # CuPy cannot assign a NumPy array into its own
         self.noise.refill()
         self.optimizer.t += 1
         step_size, eps_hat = self.optimizer.step_scalars()
