@@ -300,18 +300,16 @@ def tensor(data, requires_grad=False, dtype=None):
 
 
 def as_tensor(x, like=None):
-    """Tensors pass through; Python numbers become constants with the dtype of ``like``;
-    NumPy scalars (np.float64(2)) keep their own dtype, as in NumPy, and go to ``like``'s
-    device, as CuPy takes them next to its arrays (a NumPy *array* does not move: mixing
-    devices is an error, see check_same_device)."""
+    """Tensors pass through; a number, Python or NumPy scalar (2.0, np.float64(2)), next to
+    the Tensor ``like`` becomes a constant with its dtype, on its device (as PyTorch treats
+    numbers): a float32 model stays float32 on both devices. (NumPy 2 would make
+    float32 * np.float64(2) float64, and a float64 gradient then meets the float32 fused
+    GPU kernels.) A NumPy *array* does not move: mixing devices is an error."""
     if isinstance(x, Tensor):
         return x
-    if like is not None and not hasattr(x, "shape"):  # a Python number
+    if like is not None and (not hasattr(x, "shape") or isinstance(x, np.generic)):
         return Tensor(get_array_module(like.data).asarray(x, dtype=like.dtype))
-    constant = tensor(x)
-    if like is not None and isinstance(x, np.generic):
-        constant.data = get_array_module(like.data).asarray(constant.data)
-    return constant
+    return tensor(x)
 
 
 def record(data, parents, backward):

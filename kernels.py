@@ -137,18 +137,26 @@ def _kernel(name):
     return _elementwise(name, *KERNELS[name])
 
 
-def _call(name, *args):
-    """Run a kernel on arrays that broadcast together; numbers take the arrays' dtype.
-
-    Every parameter has type T, so all arrays must share one dtype: mixed inputs are
-    promoted first as NumPy would (float32 with float64 gives float64). The outputs have
-    the broadcast shape of all inputs.
-    """
+def _promoted(*args):
+    """The arguments with every array cast to one dtype, the one NumPy would promote them
+    to (float32 with float64 gives float64); numbers and None pass unchanged. Every kernel
+    parameter has type T, and CuPy refuses arrays of two dtypes for one T."""
     dtype = numpy.result_type(*[a.dtype for a in args if isinstance(a, cupy.ndarray)])
     if dtype.kind != "f":
         dtype = numpy.dtype(numpy.float64)
-    args = [a.astype(dtype, copy=False) if isinstance(a, cupy.ndarray) else a for a in args]
-    return _kernel(name)(*args)
+    return [a.astype(dtype, copy=False) if isinstance(a, cupy.ndarray) else a for a in args]
+
+
+def _cast_to(dtype, *args):
+    """The arrays among ``args`` cast to ``dtype``: the inputs of a kernel that updates
+    arrays of that dtype in place (NumPy's ``p -= g`` casts g to p's dtype too)."""
+    return [a.astype(dtype, copy=False) if isinstance(a, cupy.ndarray) else a for a in args]
+
+
+def _call(name, *args):
+    """Run a kernel on arrays that broadcast together, promoted to one dtype (numbers take
+    it); the outputs have the broadcast shape of all inputs."""
+    return _kernel(name)(*_promoted(*args))
 
 
 # ----------------------------------------------------------------------------------
@@ -205,6 +213,7 @@ def adam_update(p, grad, m, v, scale, b1, b2, step_size, eps_hat):
     inside the kernel, 1 - 0.999 would be 1 - 0.99900001 = 0.00099998713, 1.3e-5 off."""
     kernel = _elementwise("lvae_adam_update", "T grad, T scale, T b1, T one_minus_b1, T b2, "
                           "T one_minus_b2, T step_size, T eps_hat", "T p, T m, T v", ADAM_BODY)
+    grad, scale, step_size, eps_hat = _cast_to(p.dtype, grad, scale, step_size, eps_hat)
     kernel(grad, scale, b1, 1 - b1, b2, 1 - b2, step_size, eps_hat, p, m, v)
 
 
@@ -251,6 +260,7 @@ def _column_sum(name):
 
 def batch_norm_forward(rows, gamma, beta, eps, mean=None, var=None, slope=None):
     """Fused version of layers.batch_norm_forward: (out, xhat, mean, var)."""
+    rows, gamma, beta, mean, var = _promoted(rows, gamma, beta, mean, var)
     if mean is None:
         mean = rows.mean(axis=0)
         var = _column_sum("lvae_bn_var")(rows, mean, len(rows), axis=0)
@@ -262,6 +272,7 @@ def batch_norm_forward(rows, gamma, beta, eps, mean=None, var=None, slope=None):
 
 def batch_norm_backward(g, out, xhat, gamma, var, eps, training, slope=None):
     """Fused version of layers.batch_norm_backward: (dx, dgamma, dbeta)."""
+    g, out, xhat, gamma, var = _promoted(g, out, xhat, gamma, var)
     slope = 1.0 if slope is None else slope
     dbeta = _column_sum("lvae_bn_dbeta")(g, out, slope, axis=0)
     dgamma = _column_sum("lvae_bn_dgamma")(g, out, xhat, slope, axis=0)
@@ -275,6 +286,7 @@ def running_average(mean, var, m, unbias, running_mean, running_var):
     """running = (1 - m) running + m batch (variance times unbias), in place, one kernel."""
     kernel = _elementwise("lvae_bn_running", "T mean, T var, T m, T unbias",
                           "T running_mean, T running_var", RUNNING_AVERAGE_BODY)
+    mean, var = _cast_to(running_mean.dtype, mean, var)
     kernel(mean, var, m, unbias, running_mean, running_var)
 
 

@@ -647,3 +647,18 @@ def test_numpy_1_is_refused_with_a_clear_error():
             autograd.check_numpy_version(old)
     for new in ("2.0.2", "2.4.6", "3.0.0.dev0"):
         autograd.check_numpy_version(new)
+
+
+@pytest.mark.parametrize("number", [0.5, np.float64(0.5), np.float32(0.5), np.int64(2)],
+                         ids=["python_float", "numpy_float64", "numpy_float32", "numpy_int64"])
+def test_numbers_take_the_tensor_dtype(number):
+    """A number next to a Tensor, Python or NumPy scalar, takes the Tensor's dtype, as in
+    PyTorch: NumPy 2 alone would make float32 * np.float64(0.5) float64, and a float64
+    gradient would then flow into a float32 model (and meet its fused GPU kernels)."""
+    for dtype in (np.float32, np.float64):
+        x = Tensor(np.array([1.0, 2.0], dtype), requires_grad=True)
+        y = (x * number + number - x / number).sum()
+        assert y.dtype == dtype, f"{type(number).__name__} made {y.dtype} from {np.dtype(dtype)}"
+        y.backward()
+        assert x.grad.dtype == dtype
+        np.testing.assert_allclose(x.grad, [float(number) - 1 / float(number)] * 2, rtol=1e-6)

@@ -575,6 +575,41 @@ def test_fused_adam_matches_plain(fake_cupy, dtype, clip_norm):
     assert_all_match(f"Adam (clip_norm {clip_norm})", dtype, results)
 
 
+def test_fused_paths_take_mixed_dtypes_as_the_plain_code_does(fake_cupy):
+    """A float32 layer (Dense, BatchNorm with its running averages, leaky ReLU) fed a
+    float64 batch, then one Adam step (the dense layer has no bias: batch norm makes its
+    gradient zero up to rounding, and Adam would scale that noise up): the plain code promotes as NumPy does (float64
+    activations and gradients; in-place updates of float32 weights and averages cast back).
+    The fused kernels bind every array to one type T, and were refused by CuPy ("Type is
+    mismatched") when dtypes were mixed; they now promote, and cast into in-place outputs,
+    the same way: same values and same dtypes on both paths."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((16, 6))  # float64
+    weights = rng.standard_normal((16, 4))  # the gradient of the output
+    results = {}
+    for fused in (True, False):
+        kernels.set_fusion(fused)
+        fake_cupy.launched.clear()
+        dense = layers.Dense(6, 4, bias=False, rng=np.random.default_rng(3), dtype=np.float32)
+        bn = layers.BatchNorm(4, dtype=np.float32)
+        params = dense.parameters() + bn.parameters()
+        optimizer = layers.Adam(params, lr=1e-2, clip_norm=0.5)
+        y = bn(dense(Tensor(x)), slope=0.01)
+        y.backward(weights)
+        optimizer.step()
+        if fused:
+            assert {"lvae_bn_fwd", "lvae_bn_bwd", "lvae_bn_running",
+                    "lvae_adam_update"} <= set(fake_cupy.launched)
+        results[fused] = {"y": y.data, "running_mean": bn.running_mean.data,
+                          "running_var": bn.running_var.data}
+        results[fused].update({f"parameter {i}": p.data for i, p in enumerate(params)})
+        results[fused].update({f"m of parameter {i}": m for i, m in enumerate(optimizer.m)})
+    for name in results[False]:
+        expected = np.float64 if name == "y" else np.float32
+        assert_fused_matches_plain(f"mixed dtypes: {name}", expected, results[True][name],
+                                   results[False][name])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 def test_fused_softplus_and_sigmoid_match_plain(fake_cupy, dtype):
     """autograd.softplus and autograd.sigmoid, values and gradients, with fusion on
