@@ -43,6 +43,7 @@ import gaussian  # noqa: E402
 import kernels  # noqa: E402
 import layers  # noqa: E402
 from autograd import Tensor  # noqa: E402
+from conftest import requires_cuda  # noqa: E402
 
 RTOL = {np.float32: 1e-5, np.float64: 1e-12}
 DTYPES = [np.float32, np.float64]
@@ -575,39 +576,51 @@ def test_fused_adam_matches_plain(fake_cupy, dtype, clip_norm):
     assert_all_match(f"Adam (clip_norm {clip_norm})", dtype, results)
 
 
-def test_fused_paths_take_mixed_dtypes_as_the_plain_code_does(fake_cupy):
-    """A float32 layer (Dense, BatchNorm with its running averages, leaky ReLU) fed a
-    float64 batch, then one Adam step (the dense layer has no bias: batch norm makes its
-    gradient zero up to rounding, and Adam would scale that noise up): the plain code promotes as NumPy does (float64
-    activations and gradients; in-place updates of float32 weights and averages cast back).
-    The fused kernels bind every array to one type T, and were refused by CuPy ("Type is
-    mismatched") when dtypes were mixed; they now promote, and cast into in-place outputs,
-    the same way: same values and same dtypes on both paths."""
+def mixed_dtype_step(fused, device="cpu", launched=None):
+    """A float32 Dense (no bias) + BatchNorm + leaky ReLU fed a float64 batch, then one
+    Adam step, with fusion on or off: the output, running averages, weights and Adam's m,
+    as NumPy arrays. ``launched``: the stand-in's kernel counts, checked when fused."""
+    kernels.set_fusion(fused)
     rng = np.random.default_rng(12)
-    x = rng.standard_normal((16, 6))  # float64
-    weights = rng.standard_normal((16, 4))  # the gradient of the output
-    results = {}
-    for fused in (True, False):
-        kernels.set_fusion(fused)
-        fake_cupy.launched.clear()
-        dense = layers.Dense(6, 4, bias=False, rng=np.random.default_rng(3), dtype=np.float32)
-        bn = layers.BatchNorm(4, dtype=np.float32)
-        params = dense.parameters() + bn.parameters()
-        optimizer = layers.Adam(params, lr=1e-2, clip_norm=0.5)
-        y = bn(dense(Tensor(x)), slope=0.01)
-        y.backward(weights)
-        optimizer.step()
-        if fused:
-            assert {"lvae_bn_fwd", "lvae_bn_bwd", "lvae_bn_running",
-                    "lvae_adam_update"} <= set(fake_cupy.launched)
-        results[fused] = {"y": y.data, "running_mean": bn.running_mean.data,
-                          "running_var": bn.running_var.data}
-        results[fused].update({f"parameter {i}": p.data for i, p in enumerate(params)})
-        results[fused].update({f"m of parameter {i}": m for i, m in enumerate(optimizer.m)})
+    x, weights = rng.standard_normal((16, 6)), rng.standard_normal((16, 4))  # float64
+    dense = layers.Dense(6, 4, bias=False, rng=np.random.default_rng(3), dtype=np.float32)
+    bn = layers.BatchNorm(4, dtype=np.float32)
+    dense.to(device)
+    bn.to(device)
+    params = dense.parameters() + bn.parameters()
+    optimizer = layers.Adam(params, lr=1e-2, clip_norm=0.5)
+    y = bn(dense(Tensor(autograd.to_device(x, device))), slope=0.01)
+    y.backward(autograd.to_device(weights, device))
+    optimizer.step()
+    if fused and launched is not None:
+        assert {"lvae_bn_fwd", "lvae_bn_bwd", "lvae_bn_running",
+                "lvae_adam_update"} <= set(launched)
+    result = {"y": y.data, "running_mean": bn.running_mean.data,
+              "running_var": bn.running_var.data}
+    result.update({f"parameter {i}": p.data for i, p in enumerate(params)})
+    result.update({f"m of parameter {i}": m for i, m in enumerate(optimizer.m)})
+    return {name: autograd.to_numpy(a) for name, a in result.items()}
+
+
+def assert_mixed_dtype_steps_match(results):
     for name in results[False]:
         expected = np.float64 if name == "y" else np.float32
         assert_fused_matches_plain(f"mixed dtypes: {name}", expected, results[True][name],
                                    results[False][name])
+
+
+def test_fused_paths_take_mixed_dtypes_as_the_plain_code_does(fake_cupy):
+    """mixed_dtype_step: the plain code promotes as NumPy does (float64 activations and
+    gradients; in-place updates of float32 weights and averages cast back). The fused
+    kernels bind every array to one type T, and were refused by CuPy ("Type is
+    mismatched") when dtypes were mixed; they now promote, and cast into in-place outputs,
+    the same way: same values and same dtypes on both paths. (The dense layer has no bias:
+    batch norm makes its gradient zero up to rounding, and Adam would scale that noise up.)"""
+    results = {}
+    for fused in (True, False):
+        fake_cupy.launched.clear()
+        results[fused] = mixed_dtype_step(fused, launched=fake_cupy.launched)
+    assert_mixed_dtype_steps_match(results)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
@@ -642,8 +655,6 @@ def test_fused_softplus_and_sigmoid_match_plain(fake_cupy, dtype):
 # ----------------------------------------------------------------------------------
 # On a GPU
 # ----------------------------------------------------------------------------------
-requires_cuda = pytest.mark.skipif(not autograd.cuda_available(),
-                                   reason="needs CuPy and a CUDA device")
 
 
 @pytest.fixture
@@ -695,6 +706,14 @@ def test_gpu_fusion_on_matches_off(op, dtype, fusion_restored):
         # largest value of the array bounds them for these moderate inputs
         np.testing.assert_allclose(on, off, rtol=rtol, atol=rtol * np.abs(off).max(),
                                    err_msg=f"{op}: {what} differs between fused and plain CuPy")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_fused_paths_take_mixed_dtypes(fusion_restored):
+    """mixed_dtype_step on CuPy: fusion on and off give the same values and dtypes."""
+    assert_mixed_dtype_steps_match({fused: mixed_dtype_step(fused, "cuda")
+                                    for fused in (True, False)})
 
 
 def check_gradients_xp(xp, fn, *arrays, eps=1e-6, rtol=1e-5, atol=1e-7):
