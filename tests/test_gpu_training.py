@@ -13,9 +13,9 @@ import autograd
 import kernels
 import layers
 import lvae
+from conftest import requires_cuda
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not autograd.cuda_available(), reason="needs CuPy and a CUDA device")]
+pytestmark = [pytest.mark.gpu, requires_cuda]
 
 
 class HostNoise:

@@ -14,6 +14,7 @@ import autograd
 import layers
 from autograd import Tensor, get_array_module, no_grad, to_numpy
 from op_check import check_op
+from conftest import requires_cuda
 from layers import (MLP, Adam, BatchNorm, Dense, GaussianLayer, LeakyReLU, Module, batch_norm,
                     linear, recompute_batchnorm_statistics)
 
@@ -775,7 +776,7 @@ def test_adam_accepts_edge_hyperparameters():
 # The fused GPU batch norm (+ leaky ReLU) against the plain array code, on CuPy
 # ----------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.skipif(not autograd.cuda_available(), reason="needs CuPy and a CUDA device")
+@requires_cuda
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("slope", [None, 0.01])
 @pytest.mark.parametrize("training", [True, False])
@@ -807,7 +808,7 @@ def test_gpu_fused_batch_norm_matches_plain_code(dtype, slope, training):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not autograd.cuda_available(), reason="needs CuPy and a CUDA device")
+@requires_cuda
 def test_gpu_fused_running_average_matches_plain_code():
     import kernels
     cupy = autograd.cupy

@@ -23,6 +23,7 @@ import autograd  # noqa: E402
 import lvae  # noqa: E402
 from autograd import no_grad  # noqa: E402
 from gaussian import gaussian_kl, log_normal  # noqa: E402
+from conftest import requires_cuda  # noqa: E402
 
 X_DIM = 8
 TINY = dict(x_dim=X_DIM, z_dims=(3, 2), hidden=(5, 4), n_dense=2)
@@ -107,7 +108,7 @@ def test_iw_bound_gradients_match_finite_differences(kind, batch_norm):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not autograd.cuda_available(), reason="needs CuPy and a CUDA device")
+@requires_cuda
 @pytest.mark.parametrize("objective", ["elbo", "iw"])
 @pytest.mark.parametrize("kind", MODELS)
 def test_gradients_on_gpu_match_finite_differences(kind, objective):

@@ -33,6 +33,7 @@ import evaluate  # noqa: E402
 import layers  # noqa: E402
 import lvae  # noqa: E402
 import train  # noqa: E402
+from conftest import requires_cuda  # noqa: E402
 
 TINY = ["--z_dims=4,2", "--hidden=16,8", "--n_dense=1", "--batch_size=64",
         "--eval_lk_samples=5", "--final_lk_samples=5", "--final_lk_images=20",
@@ -449,7 +450,7 @@ def test_interrupt_before_any_step_is_done_saves_nothing(run, tmp_path, monkeypa
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not autograd.cuda_available(), reason="needs CuPy and a CUDA device")
+@requires_cuda
 def test_ctrl_c_then_resume_on_gpu_is_identical(run, tmp_path, monkeypatch):
     """On the GPU the terms are read back every log_interval (3) steps: Ctrl-C at step 5
     must still save the terms of steps 4 and 5, and resuming continues identically."""
@@ -866,7 +867,7 @@ def test_nan_reconstruction_term_in_the_first_epoch(run, tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns of the overflow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu,
-    pytest.mark.skipif(not autograd.cuda_available(), reason="needs CuPy and a CUDA device")])])
+    requires_cuda])])
 def test_a_real_overflow_is_located_in_the_layer_where_it_appeared(run, tmp_path, monkeypatch,
                                                                   device):
     """One weight of the second bottom-up block's dense layer made huge: its output
@@ -952,8 +953,7 @@ def test_evaluate_bad_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not autograd.cuda_available(),
-                                        reason="needs CuPy and a CUDA device")])])
+    pytest.mark.gpu, requires_cuda])])
 def test_epoch_on_device_gives_the_same_batches_and_generator_state(device):
     """train.py moves a GPU epoch in one copy: the batches (the last one partial) and the
     data generator's state afterwards must be those of the per-batch stream."""
