@@ -30,6 +30,9 @@ import numpy as np
 import kernels  # fused GPU versions of a few array functions (used only for CuPy arrays)
 
 
+# ----------------------------------------------------------------------------------
+# Which NumPy, and whether CuPy can be used (plumbing: the engine starts at Tensor)
+# ----------------------------------------------------------------------------------
 def check_numpy_version(version):
     """An ImportError for NumPy 1.x: its promotion rules differ from NumPy 2's (NEP 50),
     which the ops and the fused kernels follow (under 1.x a float32 0-d array divided by a
