@@ -66,7 +66,7 @@ try:  # CuPy is optional: importing it works without a driver, so also ask for a
         _CUDA_PROBLEM = "CuPy finds no working CUDA device (check `nvidia-smi`)"
 except ModuleNotFoundError:
     cupy = None
-    _CUDA_PROBLEM = "CuPy is not installed (pip install cupy-cuda12x)"
+    _CUDA_PROBLEM = "CuPy is not installed (pip install \"cupy-cuda12x>=13.3\")"
 except Exception as error:  # a broken CUDA or CuPy install: say what it was, use NumPy only
     cupy = None
     _CUDA_PROBLEM = f"CuPy is installed but failed to import ({type(error).__name__}: {error})"
