@@ -141,15 +141,12 @@ def _promoted(*args):
     """The arguments with every array cast to one dtype, the one NumPy would promote them
     to (float32 with float64 gives float64); numbers and None pass unchanged. Every kernel
     parameter has type T, and CuPy refuses arrays of two dtypes for one T."""
-    dtype = numpy.result_type(*[a.dtype for a in args if isinstance(a, cupy.ndarray)])
+    dtypes = {a.dtype for a in args if isinstance(a, cupy.ndarray)}
+    if len(dtypes) == 1 and next(iter(dtypes)).kind == "f":
+        return args  # the usual case, on the hot path: one float dtype, nothing to cast
+    dtype = numpy.result_type(*dtypes)
     if dtype.kind != "f":
         dtype = numpy.dtype(numpy.float64)
-    return [a.astype(dtype, copy=False) if isinstance(a, cupy.ndarray) else a for a in args]
-
-
-def _cast_to(dtype, *args):
-    """The arrays among ``args`` cast to ``dtype``: the inputs of a kernel that updates
-    arrays of that dtype in place (NumPy's ``p -= g`` casts g to p's dtype too)."""
     return [a.astype(dtype, copy=False) if isinstance(a, cupy.ndarray) else a for a in args]
 
 
@@ -213,7 +210,8 @@ def adam_update(p, grad, m, v, scale, b1, b2, step_size, eps_hat):
     inside the kernel, 1 - 0.999 would be 1 - 0.99900001 = 0.00099998713, 1.3e-5 off."""
     kernel = _elementwise("lvae_adam_update", "T grad, T scale, T b1, T one_minus_b1, T b2, "
                           "T one_minus_b2, T step_size, T eps_hat", "T p, T m, T v", ADAM_BODY)
-    grad, scale, step_size, eps_hat = _cast_to(p.dtype, grad, scale, step_size, eps_hat)
+    if grad.dtype != p.dtype:  # float64 data through a float32 layer: cast, as NumPy's p -= g
+        grad = grad.astype(p.dtype)
     kernel(grad, scale, b1, 1 - b1, b2, 1 - b2, step_size, eps_hat, p, m, v)
 
 
@@ -286,7 +284,8 @@ def running_average(mean, var, m, unbias, running_mean, running_var):
     """running = (1 - m) running + m batch (variance times unbias), in place, one kernel."""
     kernel = _elementwise("lvae_bn_running", "T mean, T var, T m, T unbias",
                           "T running_mean, T running_var", RUNNING_AVERAGE_BODY)
-    mean, var = _cast_to(running_mean.dtype, mean, var)
+    if mean.dtype != running_mean.dtype:  # float64 data through a float32 layer: cast, as NumPy does
+        mean, var = mean.astype(running_mean.dtype), var.astype(running_mean.dtype)
     kernel(mean, var, m, unbias, running_mean, running_var)
 
 

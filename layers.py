@@ -619,7 +619,7 @@ class Adam:
         """min(1, clip_norm / ||g||) as a 0-d device array: reading the norm back to the
         host would make the CPU wait for the GPU at every step."""
         xp = get_array_module(grads[0])
-        total = xp.zeros((), dtype=grads[0].dtype)
+        total = xp.zeros((), dtype=self.params[0].dtype)  # the weights' dtype, as the kernel's T
         for g in grads:
             g = g.reshape(-1)
             total += g @ g

@@ -647,16 +647,20 @@ def test_adam_clip_scale_for_the_gpu_path_on_numpy():
 
 @pytest.mark.parametrize("clip", [1.0, np.float64(1.0), np.float32(1.0), 1],
                          ids=["float", "numpy_float64", "numpy_float32", "int"])
-def test_adam_clip_scale_has_the_gradients_dtype(clip):
+def test_adam_clip_scale_has_the_weights_dtype(clip):
     """The GPU path hands the clip scale to the fused Adam kernel next to float32 weights:
     a float64 scale there is CuPy's "Type is mismatched". A NumPy float64 clip_norm (read
     from a config file, say) made one, as NumPy float64 / float32 is float64; Adam now
-    keeps its hyperparameters as Python floats, which take the arrays' dtype."""
+    keeps its hyperparameters as Python floats, which take the arrays' dtype. Float64
+    gradients (float64 data through float32 layers) made one too: the norm is now summed
+    in the weights' dtype."""
     p = Tensor(np.zeros(2, dtype=np.float32), requires_grad=True)
     opt = Adam([p], clip_norm=clip)
-    scale = opt._device_clip_scale([np.array([3.0, 4.0], dtype=np.float32)])
-    assert np.asarray(scale).dtype == np.float32, f"clip scale is {np.asarray(scale).dtype}"
-    np.testing.assert_allclose(float(scale), 0.2, rtol=1e-6)
+    for grad_dtype in (np.float32, np.float64):
+        scale = opt._device_clip_scale([np.array([3.0, 4.0], dtype=grad_dtype)])
+        assert np.asarray(scale).dtype == np.float32, \
+            f"clip scale is {np.asarray(scale).dtype} with {np.dtype(grad_dtype)} gradients"
+        np.testing.assert_allclose(float(scale), 0.2, rtol=1e-6)
 
 
 def test_adam_clip_norm():
