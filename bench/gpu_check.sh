@@ -44,8 +44,9 @@ tail -n 12 "$out/bench-cuda.log"
 
 # The last epoch's evaluation (L_1000 on the first 500 test images) and the final L_5000 on
 # the first 1000 test images are in the log: on all 10000 (train.py's default, 5e7 passes
-# through the model) the final bound alone could outlast the step's limit. The run's folder stays outside OUT_DIR: the device tool brings
-# back at most 8 files, and the log holds every figure of the run.
+# through the model) the final bound alone could outlast the step's limit. The run's folder
+# stays outside OUT_DIR: the device tool brings back at most 8 files, and the log holds
+# every figure of the run.
 run_dir="${TMPDIR:-/tmp}/lvae-gpu-check-run"
 rm -rf "$run_dir"  # a checkpoint left by an earlier check would make this run resume, not train
 step "3/3 train.py --device=cuda --epochs=2 --warmup=0" "${LIMIT_TRAIN:-120}" "$out/train-2-epochs.txt" \
