@@ -467,34 +467,54 @@ def kl_per_unit(model, x, noise):
     return [to_numpy(k.data.reshape(-1, k.shape[-1]).mean(axis=0)) for k in layers.kl_units]
 
 
-def posterior_means(model, x, noise, samples=10):
-    """E_q[z_i | x] for every layer, a list of (B, units) arrays: the mean mu_q,i averaged
-    over ``samples`` posterior draws, because mu_q,i depends on other layers' samples (in
-    the LVAE on the sample of z_i+1 above, through the prior in the merge; in the
-    bottom-up VAE on the sample of z_i-1 below)."""
+def posterior_mean_draws(model, x, noise, samples=10):
+    """mu_q,i for ``samples`` posterior draws of every layer: a list of (samples, B, units)
+    arrays. mu_q,i depends on other layers' samples (in the LVAE on the sample of z_i+1
+    above, through the prior in the merge; in the bottom-up VAE on the sample of z_i-1
+    below); where it does not, the draws are equal."""
     _, layers = _evaluate(model, x, noise, samples=samples)
-    means = []
+    draws = []
     for mu in layers.mu_q:
         mu = to_numpy(mu.data)
-        means.append(mu.mean(axis=0) if mu.ndim == 3 else mu)
-    return means
+        draws.append(mu if mu.ndim == 3 else np.broadcast_to(mu, (samples,) + mu.shape))
+    return draws
+
+
+def posterior_means(model, x, noise, samples=10):
+    """E_q[z_i | x] for every layer, a list of (B, units) arrays: the mean mu_q,i averaged
+    over ``samples`` posterior draws (see posterior_mean_draws)."""
+    return [mu.mean(axis=0) for mu in posterior_mean_draws(model, x, noise, samples)]
 
 
 def active_units(model, x, noise, threshold=0.01, samples=10):
     """Activity A_u = Cov_x(E_q[z_u | x]) of every unit (Burda et al., 2016); a unit is
     active when A_u > threshold. Returns (list of activity arrays, list of counts).
 
+    E_q[z_u | x] is estimated by the mean m_x of K = ``samples`` draws of mu_q,u, so the
+    plain variance of m_x over the rows adds the sampling noise E_x[Var(mu_q,u | x)] / K
+    to A_u. That floor is subtracted, with the within-x variance s_x^2 estimated from the
+    K draws (ddof=1):   A_u ~ Var_x(m_x) - mean_x(s_x^2) / K,
+    an unbiased estimate that can come out slightly below 0 for a dead unit. Without the
+    correction, K = 10 counted collapsed units of the LVAE's lower layers as active.
+
     Where E_q[z_u | x] is a batch-normed head of x alone (the LVAE's top layer, the VAE's
     z_1), its activity is about gamma^2, the scale of the mean head's batch norm
     (``mean_norm.gamma``) when the evaluation statistics match the data's (after
     recompute_batchnorm_statistics), so such a unit is inactive only once training has
-    shrunk gamma below 0.1. Elsewhere the mean mixes in
-    other layers' samples (the LVAE's merge weights mu_hat by var_p / (var_hat + var_p)),
-    and a unit whose q equals its prior is inactive whatever gamma is: the collapse this
-    measure detects. Early in training nearly every unit counts as active; KL per unit
-    tells more then.
+    shrunk gamma below 0.1. Elsewhere the mean mixes in other layers' samples. In the
+    LVAE, a unit whose q equals its prior has E_q[z_i | x] = E_q[mu_p(z_i+1)], which
+    still varies with x when the layer above is active: by this measure such a unit
+    counts as active although it carries no information of its own. Its KL (kl_per_unit)
+    is 0, which is the test for that collapse. Early in training nearly every unit
+    counts as active; KL per unit tells more then.
     """
-    activity = [m.var(axis=0) for m in posterior_means(model, x, noise, samples)]
+    if samples < 2:
+        raise ValueError(f"active_units needs samples >= 2 to estimate the sampling noise it "
+                         f"subtracts, got samples={samples}")
+    activity = []
+    for mu in posterior_mean_draws(model, x, noise, samples):
+        sampling_noise = mu.var(axis=0, ddof=1).mean(axis=0) / samples
+        activity.append(mu.mean(axis=0).var(axis=0) - sampling_noise)
     return activity, [int((a > threshold).sum()) for a in activity]
 
 

@@ -770,6 +770,62 @@ def test_a_unit_with_constant_posterior_mean_is_inactive(batch_norm):
     assert activity[top][1] > 0.01 and counts[top] >= 1
 
 
+def collapsed_lvae(top_collapsed=True):
+    """An LVAE whose lower layers have an uninformative bottom-up term (var_hat = 1e6,
+    mu_hat constant), so q(z_i | .) is p(z_i | z_i+1) up to 1e-6; with ``top_collapsed``
+    also q(z_top | x) = N(0, I) exactly. Then E_q[z | x] is the same for every x, and
+    every unit's activity is 0. Otherwise the lower layers' E_q[z | x] follows the top
+    layer, through the prior, while each of their samples is noisy."""
+    model = lvae.build_model("lvae", x_dim=X_DIM, z_dims=(8, 4), hidden=(16, 8), n_dense=2,
+                             seed=1).astype(np.float64).eval()
+    *lower, top = model.up_heads
+    if top_collapsed:
+        top.mean_norm.gamma.data[:] = 0
+        top.mean_norm.beta.data[:] = 0
+        top.var_norm.gamma.data[:] = 0
+        top.var_norm.beta.data[:] = np.log(np.e - 1)  # softplus(beta) = 1
+    for head in lower:
+        head.mean_norm.gamma.data[:] = 0
+        head.var_norm.gamma.data[:] = 0
+        head.var_norm.beta.data[:] = 1e6
+    return model
+
+
+def test_active_units_subtracts_the_sampling_noise_of_its_estimate():
+    """E_q[z | x] is estimated from K draws, so the plain variance over x of that estimate
+    carries Var(mu_q | x) / K of sampling noise; active_units subtracts it. Without the
+    correction, K = 10 counts the collapsed lower units of this model as active."""
+    model, x = collapsed_lvae(), binary_batch(500)
+    kl = lvae.kl_per_unit(model, x, lvae.Noise(0))
+    assert all(np.all(k < 1e-4) for k in kl), "the model is collapsed: KL per unit ~ 0"
+    draws = lvae.posterior_mean_draws(model, x, lvae.Noise(0), samples=10)
+    naive = draws[0].mean(axis=0).var(axis=0)
+    assert np.any(naive > 0.01), "the uncorrected estimate would count dead units"
+    activity, counts = lvae.active_units(model, x, lvae.Noise(0), samples=10)
+    assert counts == [0, 0]
+    assert all(np.all(np.abs(a) < 0.01) for a in activity)
+
+
+def test_active_units_estimate_agrees_with_many_samples():
+    """The corrected activity at K = 10 and the plain one at K = 1000 (whose noise floor is
+    100 times smaller, below 1e-4 here) estimate the same Cov_x(E_q[z | x]); the plain
+    estimate at K = 10 is further off than the tolerance."""
+    model, x = collapsed_lvae(top_collapsed=False), binary_batch(300)
+    corrected, _ = lvae.active_units(model, x, lvae.Noise(1), samples=10)
+    few = lvae.posterior_mean_draws(model, x, lvae.Noise(1), samples=10)
+    many = lvae.posterior_mean_draws(model, x, lvae.Noise(2), samples=1000)
+    for i, (a, mu_few, mu) in enumerate(zip(corrected, few, many)):
+        reference = mu.mean(axis=0).var(axis=0)
+        np.testing.assert_allclose(a, reference, rtol=0.05, atol=0.003, err_msg=f"layer z{i + 1}")
+    naive_error = np.abs(few[0].mean(axis=0).var(axis=0) - many[0].mean(axis=0).var(axis=0))
+    assert naive_error.max() > 0.003
+
+
+def test_active_units_needs_two_samples():
+    with pytest.raises(ValueError, match="samples >= 2"):
+        lvae.active_units(tiny_model("lvae"), binary_batch(5), lvae.Noise(0), samples=1)
+
+
 def test_sample_prior_is_reproducible_and_uses_the_noise():
     model = tiny_model("lvae")
     a = lvae.sample_prior(model, 5, lvae.Noise(1))
