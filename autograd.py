@@ -201,7 +201,10 @@ class Tensor:
         return f"Tensor({self.data!r}{extra})"
 
     def item(self):
-        return float(self.data)
+        """The value of a one-element tensor as a Python float."""
+        if self.data.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        return float(self.data.reshape(()))
 
     def numpy(self):
         return to_numpy(self.data)

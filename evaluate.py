@@ -95,7 +95,7 @@ def main(argv):
         test_x = test_x[:args.images]
     noise = lvae.Noise(args.seed)
     if not args.no_bn_recompute:
-        rng = np.random.default_rng(args.seed)
+        rng = np.random.default_rng(args.seed + 1)  # a stream apart from the noise's
         batches = data.iterate_minibatches(ds.train_x, 1000, rng)
         recompute_batchnorm_statistics(
             net, batches, lambda b: lvae.elbo(net, to_device(b, args.device), noise))

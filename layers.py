@@ -304,7 +304,8 @@ def batch_norm(x, gamma, beta, eps, mean=None, var=None, slope=None):
     (the last two terms are how every row's statistics depend on every row).
     Evaluation (running mean and var given): a fixed affine map, dx = g * gamma / sqrt(var + eps).
     On a GPU, kernels.py runs each direction in three fused kernels.
-    Returns (y, batch mean, batch variance).
+    Returns (y, mean, variance): the batch's statistics in training, the given ones in
+    evaluation.
     """
     check_same_device("batch_norm", x, gamma)
     rows = x.data.reshape(-1, x.shape[-1])

@@ -208,7 +208,9 @@ def lr_for(epoch):
 
 
 def test_elbo(net, test_x, noise):
-    """Mean test ELBO in evaluation mode (batch norm with its running averages)."""
+    """Mean test ELBO in evaluation mode, with the batch norms' current statistics: their
+    running averages during training (the per-epoch lines), statistics recomputed over the
+    training set in finalize (the final line), so the two differ for the same weights."""
     totals, n = 0.0, 0
     xp = get_array_module(net.output.weight.data)
     with lvae.evaluation(net):
@@ -451,7 +453,7 @@ def main(argv):
                 # evaluations draw their own noise: when (and whether) they run must not
                 # change the training stream, so that a resumed run continues identically
                 record["test_elbo"] = test_elbo(net, test_x, lvae.Noise(seed + 4))
-                line += f" | test elbo {record['test_elbo']:.2f}"
+                line += f" | test elbo {record['test_elbo']:.2f} (running BN averages)"
                 if eval_lk_samples:
                     record["test_lk"] = float(lvae.log_likelihood_bound(
                         net, lk_images, eval_lk_samples, lvae.Noise(seed + 5)).mean())

@@ -421,6 +421,16 @@ def test_backward_on_non_scalar_without_seed_says_what_to_do(xp):
         Tensor(xp.ones(1)).backward()
 
 
+def test_item_of_any_one_element_tensor(xp):
+    """backward() accepts any one-element result as the scalar loss; item() reads it back."""
+    x = Tensor(xp.ones((1, 3)), requires_grad=True)
+    loss = x.sum(axis=1)  # shape (1,)
+    loss.backward()
+    assert loss.item() == 3.0 and isinstance(loss.item(), float)
+    with pytest.raises(ValueError, match=r"item\(\) needs a tensor with one element, got shape \(1, 3\)"):
+        x.item()
+
+
 @pytest.mark.skipif(autograd.cuda_available(), reason="CUDA is available here")
 def test_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(RuntimeError, match=r"device 'cuda'.*not available.*device='cpu'"):
