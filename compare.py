@@ -21,6 +21,9 @@ import checkpoint
 
 # what train.py's final.json holds when it has evaluated L_K
 FINAL_KEYS = ("test_lk", "lk_samples", "lk_images")
+# the numbers in it, and their types
+FINAL_TYPES = {"epoch": int, "test_elbo": (int, float), "test_lk": (int, float),
+               "stderr": (int, float), "lk_samples": int, "lk_images": int}
 
 
 class RunError(ValueError):
@@ -30,6 +33,8 @@ class RunError(ValueError):
 def read_run(folder):
     """(config, metrics, final) of a run folder; final is None if the run has not finished."""
     folder = Path(folder)
+    if folder.is_file():
+        raise RunError(f"{folder} is a file: give the run's folder (the one that holds ckpt.npz)")
     if not folder.is_dir():
         raise RunError(f"{folder}: no such folder")
     ckpt, metrics_path = folder / "ckpt.npz", folder / "metrics.jsonl"
@@ -41,9 +46,13 @@ def read_run(folder):
     for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                metrics.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RunError(f"{metrics_path}, line {n}: not JSON ({e.msg})") from None
+            if not (isinstance(record, dict) and isinstance(record.get("epoch"), int)):
+                raise RunError(f"{metrics_path}, line {n}: not an epoch's record (an object "
+                               f"with an integer epoch, as train.py writes)")
+            metrics.append(record)
     if not metrics:
         raise RunError(f"{metrics_path} is empty: the run has not finished an epoch")
     final_path, final = folder / "final.json", None
@@ -56,6 +65,14 @@ def read_run(folder):
                 and ("test_lk" not in final or all(k in final for k in FINAL_KEYS))):
             raise RunError(f"{final_path} is not what train.py writes: it needs test_elbo, "
                            f"and with test_lk also {', '.join(FINAL_KEYS[1:])}")
+        for key, kind in FINAL_TYPES.items():
+            if key in final and not (isinstance(final[key], kind) and not isinstance(final[key], bool)):
+                raise RunError(f"{final_path}: {key} is {final[key]!r}, not a number")
+        last = metrics[-1]["epoch"]
+        if final.get("epoch", last) != last:  # files from before train.py wrote it lack it
+            raise RunError(f"{final_path} was written at epoch {final['epoch']}, but the run "
+                           f"has trained to epoch {last}: it is stale; run train.py again to "
+                           f"finish the run, which rewrites it")
     return config, metrics, final
 
 
@@ -79,11 +96,26 @@ def layers(n):
     return f"{n} stochastic layer" + "s" * (n != 1)
 
 
+def check_out(path):
+    """Before any work: the figure must be a .png in a folder that exists."""
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise RunError(f"--out {path!r}: the figure is a PNG, give a name ending in .png")
+    if out.is_dir():
+        raise RunError(f"--out {path}: is a folder, give a file name ending in .png")
+    if not out.resolve().parent.is_dir():
+        raise RunError(f"--out {path}: folder {out.parent} does not exist")
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders written by train.py")
     parser.add_argument("--out", default="compare.png", help="the PNG to write")
     args = parser.parse_args(argv)
+    check_out(args.out)
+    repeated = sorted({f for f in args.runs if args.runs.count(f) > 1})
+    if repeated:
+        raise RunError(f"run folder given more than once: {', '.join(repeated)}")
 
     runs, evaluations = [], {}
     for folder in args.runs:
@@ -114,7 +146,10 @@ def main(argv):
 
     import plots  # matplotlib only now, once the runs have been read
     bound = f"L_{{{next(iter(evaluations.values()))[0]}}}" if evaluations else "L_K"
-    plots.compare_runs(runs, args.out, bound_name=bound)
+    try:
+        plots.compare_runs(runs, args.out, bound_name=bound)
+    except OSError as e:  # e.g. the disk is full
+        raise RunError(f"--out {args.out}: could not be written ({e.strerror or e})") from None
     print(f"wrote {args.out}")
     return 0
 

@@ -112,3 +112,45 @@ def test_compare_runs_bad_inputs(tmp_path):
         plots.compare_runs([{**good, "metrics": []}], tmp_path / "x.png")
     # no finished run: the curves alone
     assert_png(plots.compare_runs([{**good, "bound": None}], tmp_path / "curves.png"))
+
+
+def test_malformed_run_files_are_named(tmp_path):
+    run = make_run(tmp_path / "run", final(-90))
+    with pytest.raises(compare.RunError, match="ckpt.npz is a file: give the run's folder"):
+        compare.read_run(Path(run) / "ckpt.npz")
+    (Path(run) / "metrics.jsonl").write_text('{"epoch": 1}\n[1, 2]\n')
+    with pytest.raises(compare.RunError, match="line 2: not an epoch's record"):
+        compare.read_run(run)
+    run = make_run(tmp_path / "typed", {**final(-90), "test_elbo": "x"})
+    with pytest.raises(compare.RunError, match=r"final.json: test_elbo is 'x', not a number"):
+        compare.read_run(run)
+
+
+def test_a_final_json_from_an_earlier_end_is_stale(tmp_path):
+    """final.json records the epoch it was written at; metrics that go further mean the
+    run was continued after it (train.py removes it then; an edited folder may not)."""
+    run = make_run(tmp_path / "run", {**final(-90), "epoch": 10}, epochs=12)
+    with pytest.raises(compare.RunError, match="written at epoch 10, but the run has trained "
+                                               "to epoch 12: it is stale"):
+        compare.read_run(run)
+    (Path(run) / "final.json").write_text(json.dumps({**final(-90), "epoch": 12}))
+    assert compare.read_run(run)[2]["epoch"] == 12
+
+
+@pytest.mark.parametrize("out, message", [
+    ("x.txt", "give a name ending in .png"),
+    ("folder.png", "is a folder"),
+    ("missing/x.png", "folder .*missing does not exist"),
+])
+def test_a_bad_out_is_refused_before_any_work(tmp_path, capsys, out, message):
+    (tmp_path / "folder.png").mkdir()
+    run = make_run(tmp_path / "run", final(-90))
+    with pytest.raises(compare.RunError, match=message):
+        compare.main([run, "--out", str(tmp_path / out)])
+    assert capsys.readouterr().out == ""  # no table printed before the error
+
+
+def test_a_run_given_twice_is_refused(tmp_path):
+    run = make_run(tmp_path / "run", final(-90))
+    with pytest.raises(compare.RunError, match="given more than once"):
+        compare.main([run, run, "--out", str(tmp_path / "x.png")])
