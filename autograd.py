@@ -180,6 +180,13 @@ class Tensor:
     __array_ufunc__ = None  # make `ndarray * Tensor` call Tensor.__rmul__
 
     def __init__(self, data, requires_grad=False, name=None):
+        try:  # cheap enough for every op's output (~0.1 us); refuses None, str, object arrays
+            numeric = data.dtype.kind in NUMERIC_KINDS
+        except AttributeError:
+            numeric = False
+        if not numeric:
+            raise TypeError(f"Tensor data must be a NumPy or CuPy array of numbers, got "
+                            f"{_describe(data)}; tensor() converts lists and numbers")
         self.data = data
         self.grad = None
         self.requires_grad = requires_grad
@@ -300,9 +307,10 @@ def tensor(data, requires_grad=False, dtype=None):
     if isinstance(data, Tensor):
         data = data.data
     xp = get_array_module(data)
+    array = _numeric_array(xp, data)
     if dtype is None:
-        dtype = data.dtype if hasattr(data, "dtype") and data.dtype.kind == "f" else DEFAULT_DTYPE
-    return Tensor(xp.asarray(data, dtype=dtype), requires_grad=requires_grad)
+        dtype = array.dtype if array.dtype.kind == "f" else DEFAULT_DTYPE
+    return Tensor(array.astype(dtype, copy=False), requires_grad=requires_grad)
 
 
 def as_tensor(x, like=None):
@@ -314,8 +322,31 @@ def as_tensor(x, like=None):
     if isinstance(x, Tensor):
         return x
     if like is not None and (not hasattr(x, "shape") or isinstance(x, np.generic)):
-        return Tensor(get_array_module(like.data).asarray(x, dtype=like.dtype))
+        xp = get_array_module(like.data)
+        return Tensor(_numeric_array(xp, x).astype(like.dtype, copy=False))
     return tensor(x)
+
+
+NUMERIC_KINDS = "biuf"  # dtype kinds bool, int, unsigned, float: what arithmetic takes
+
+
+def _describe(x):
+    dtype = getattr(x, "dtype", None)
+    return f"{type(x).__name__} of dtype {dtype}" if dtype is not None else repr(x)[:60]
+
+
+def _numeric_array(xp, x):
+    """x as an array, refused unless it holds numbers (None would become NaN, and a
+    string an array that no op can use)."""
+    try:
+        array = xp.asarray(x)
+    except (TypeError, ValueError) as e:  # e.g. a ragged list
+        raise TypeError(f"expected numbers (a Tensor, an array, a list or a number), got "
+                        f"{_describe(x)}: {e}") from None
+    if array.dtype.kind not in NUMERIC_KINDS:
+        raise TypeError(f"expected numbers (a Tensor, an array, a list or a number), got "
+                        f"{_describe(x)}")
+    return array
 
 
 def record(data, parents, backward):
@@ -355,7 +386,7 @@ def record_multi(datas, parents, backward):
     outs = [Tensor(d) for d in datas]
     if not (_grad_enabled and any(p.requires_grad for p in parents)):
         return outs
-    joint = Tensor(None, requires_grad=True)
+    joint = Tensor(outs[0].data.reshape(-1)[:0], requires_grad=True)  # it holds no value
     joint._parents, joint._backward = parents, backward
     n = len(outs)
     for i, out in enumerate(outs):

@@ -350,6 +350,13 @@ def elbo(model, x, noise, beta=1.0):
     log p(x|z) - beta * sum_i KL_i (a Tensor); terms holds the batch means of
     'elbo' (beta = 1), 'log_px' and 'kl' (one per layer, bottom first), as 0-d arrays.
     """
+    # a number is checked here; a Tensor beta (bench/cuda_graph.py keeps it on the GPU so that
+    # a recorded step can change it) is not read back, which would wait for the GPU
+    if not isinstance(beta, Tensor) and (
+            isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating, np.integer))
+            or not 0 <= beta < math.inf):
+        raise ValueError(f"elbo: beta is the KL weight, a finite number >= 0 (warm-up takes it "
+                         f"from 0 to 1), got {beta!r}")
     log_px, layers = model(x, noise, samples=1)
     kl_total = layers.kl[0]
     for k in layers.kl[1:]:

@@ -421,6 +421,23 @@ def test_backward_on_non_scalar_without_seed_says_what_to_do(xp):
         Tensor(xp.ones(1)).backward()
 
 
+def test_data_that_is_not_numbers_is_refused():
+    """None would become NaN through asarray, and a string or object array is no tensor."""
+    for data in (None, "abc", np.array([None, 1.0]), np.array(["a"])):
+        with pytest.raises(TypeError, match="Tensor data must be a NumPy or CuPy array of numbers"):
+            Tensor(data)
+    for data in (None, "abc", [[1.0], [2.0, 3.0]]):
+        with pytest.raises(TypeError, match=r"expected numbers \(a Tensor, an array, a list or "
+                                            r"a number\), got"):
+            autograd.tensor(data)
+    x = Tensor(np.ones(2, np.float32))
+    with pytest.raises(TypeError, match="expected numbers.*got None"):
+        x + None
+    with pytest.raises(TypeError, match="expected numbers.*got 'a'"):
+        x * "a"
+    assert autograd.tensor(True).dtype == np.float32 and (x + np.int64(2)).dtype == np.float32
+
+
 def test_item_of_any_one_element_tensor(xp):
     """backward() accepts any one-element result as the scalar loss; item() reads it back."""
     x = Tensor(xp.ones((1, 3)), requires_grad=True)

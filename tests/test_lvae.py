@@ -411,6 +411,12 @@ def test_elbo_terms_under_warm_up(kind):
                                rtol=1e-12)
 
 
+@pytest.mark.parametrize("beta", [None, "0.5", -0.1, float("nan"), float("inf"), True])
+def test_elbo_refuses_a_beta_that_is_not_a_kl_weight(beta):
+    with pytest.raises(ValueError, match=r"elbo: beta is the KL weight, a finite number >= 0"):
+        lvae.elbo(tiny_model("lvae"), binary_batch(4), lvae.Noise(0), beta=beta)
+
+
 def test_sample_prior_draws_every_layer():
     """The same draws replayed by hand: z_L = eps, then z_i = mu_p + sqrt(var_p) eps."""
     model = tiny_model(z_dims=(3, 2, 2), hidden=(5, 4, 4))
