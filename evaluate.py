@@ -82,6 +82,8 @@ def main(argv):
     parser.add_argument("--no_bn_recompute", action="store_true",
                         help="keep the running batch-norm averages from training")
     parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--data_root", default=None,
+                        help="folder with the data files (default: the checkpoint's --data_root)")
     args = parser.parse_args(argv)
     try:
         check_device(args.device)
@@ -89,7 +91,8 @@ def main(argv):
         raise SystemExit(f"error: {e}") from None
 
     net, config = load_model(args.checkpoint, args.device)
-    ds = data.load_dataset(config["dataset"], config.get("data_root") or None)
+    root = args.data_root if args.data_root is not None else config.get("data_root")
+    ds = data.load_dataset(config["dataset"], root or None)
     test_x = data.binarized_test_set(ds.test_x)
     if args.images:
         test_x = test_x[:args.images]

@@ -196,6 +196,14 @@ def linear(x, weight, bias=None):
     return record(out, parents, backward)
 
 
+def check_size(layer, name, n):
+    """A layer's size must be a positive int (not a bool, float or array)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{layer}: {name} must be an int, got {n!r} ({type(n).__name__})")
+    if n < 1:
+        raise ValueError(f"{layer}: {name} must be a positive int, got {n}")
+
+
 class Dense(Module):
     """Fully connected layer y = x W + b.
 
@@ -205,11 +213,8 @@ class Dense(Module):
     """
 
     def __init__(self, n_in, n_out, bias=True, init="glorot", rng=None, dtype=np.float32):
-        for name, n in (("n_in", n_in), ("n_out", n_out)):
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-                raise TypeError(f"Dense: {name} must be an int, got {n!r} ({type(n).__name__})")
-            if n < 1:
-                raise ValueError(f"Dense: {name} must be a positive int, got {n}")
+        check_size("Dense", "n_in", n_in)
+        check_size("Dense", "n_out", n_out)
         rng = rng if rng is not None else np.random.default_rng()
         if init == "glorot":
             limit = math.sqrt(6.0 / (n_in + n_out))
@@ -308,8 +313,15 @@ def batch_norm(x, gamma, beta, eps, mean=None, var=None, slope=None):
     evaluation.
     """
     check_same_device("batch_norm", x, gamma)
+    if x.ndim == 0 or x.shape[-1] != gamma.shape[0]:
+        raise ValueError(f"batch_norm: input of shape {x.shape} for {gamma.shape[0]} features: "
+                         f"its last axis must have {gamma.shape[0]}")
     rows = x.data.reshape(-1, x.shape[-1])
     training = mean is None
+    if training and rows.shape[0] < 2:
+        raise ValueError(f"batch norm in training mode needs at least 2 rows, got "
+                         f"{rows.shape[0]}: one row normalises every feature to 0, whatever "
+                         f"the input")
     fused = kernels.active(rows)
     forward = kernels.batch_norm_forward if fused else batch_norm_forward
     out, xhat, mean, var = forward(rows, gamma.data, beta.data, eps, mean, var, slope)
@@ -337,6 +349,7 @@ class BatchNorm(Module):
     """
 
     def __init__(self, n_features, momentum=0.1, eps=1e-4, dtype=np.float32):
+        check_size("BatchNorm", "n_features", n_features)
         self.gamma = Tensor(np.ones(n_features, dtype), requires_grad=True)
         self.beta = Tensor(np.zeros(n_features, dtype), requires_grad=True)
         self.running_mean = Tensor(np.zeros(n_features, dtype))

@@ -99,7 +99,10 @@ def apply_overrides(args, namespace):
                     raise ValueError
                 parsed = value.lower() in ("true", "1")
             elif isinstance(default, tuple):  # 64,32,16 (also as Python writes it: (64, 32, 16))
-                parsed = tuple(int(v) for v in value.strip("() ").split(",") if v.strip())
+                items = [v.strip() for v in value.strip("() ").split(",")]
+                if items[-1] == "":  # a trailing comma, as in (64,), or nothing at all
+                    items.pop()
+                parsed = tuple(int(v) for v in items)  # an empty item in between is an error
             elif isinstance(default, float):
                 parsed = float(value)
             else:
@@ -353,6 +356,8 @@ def epoch_on_device(batches, device):
 def main(argv):
     apply_overrides(argv, globals())
     config = {k: globals()[k] for k in config_keys}
+    if data_root:  # stored absolute: evaluate.py may run from another folder
+        config["data_root"] = os.path.abspath(data_root)
     validate_config(config)
     try:
         check_device(device)
@@ -365,6 +370,10 @@ def main(argv):
     ds = data.load_dataset(dataset, data_root or None)
     test_x = data.binarized_test_set(ds.test_x)
     lk_images = test_x[:eval_lk_images] if eval_lk_images else test_x
+    if batch_norm and 1 in (batch_size, len(ds.train_x) % batch_size):
+        raise ConfigError(f"--batch_size={batch_size}: with batch norm every batch needs 2 "
+                          f"images or more, and {len(ds.train_x)} training images leave a "
+                          f"batch of 1")
 
     # model, optimiser, random streams
     net = lvae.build_model(model, x_dim=ds.train_x.shape[1], z_dims=z_dims, hidden=hidden,
@@ -389,6 +398,11 @@ def main(argv):
     print(f"{model}: {sum(p.size for p in net.parameters()):,} parameters, {dataset} "
           f"{ds.train_x.shape[0]} train / {ds.test_x.shape[0]} test, device {device}")
     os.makedirs(out_dir, exist_ok=True)  # only now: a run that cannot start leaves no folder
+    final_path = os.path.join(out_dir, "final.json")
+    if state["epoch"] < epochs and os.path.exists(final_path):
+        # it describes the weights of an earlier end (a shorter --epochs): not this run's
+        os.remove(final_path)
+        print(f"removed {final_path}: it was written at an earlier end of this run")
 
     def save(epoch, step, sums, epoch_rng_state):
         check_weights_finite(net, f"epoch {epoch + 1 if step else epoch}", ckpt_path)
@@ -474,7 +488,11 @@ def main(argv):
             # stopped during the end-of-epoch evaluation: the epoch is recorded on resuming
             del history[state["epoch"]:]
             try:
-                save(state["epoch"], state["step"], state["sums"], epoch_rng_state)
+                try:
+                    with deferred_interrupt():  # a second Ctrl-C waits for this save
+                        save(state["epoch"], state["step"], state["sums"], epoch_rng_state)
+                except KeyboardInterrupt:
+                    pass  # it came during the save, which is done: we are stopping anyway
             except (OSError, KeyboardInterrupt) as e:  # e.g. the disk is full
                 kept = (f"{ckpt_path} still holds the previous one" if os.path.exists(ckpt_path)
                         else "nothing saved yet")
@@ -512,10 +530,14 @@ def finalize(net, ds, test_x, noise, history):
                      title="samples from the model")
     plots.reconstructions(test_x[:10], lvae.reconstruct(net, test_x[:10], noise),
                           os.path.join(out_dir, "reconstructions.png"))
-    result = {"active_units": counts, "test_elbo": test_elbo(net, test_x, noise)}
+    # Burda's activity counts a unit of the LVAE whose q is its prior as active when the
+    # layer above moves its mean; a KL above 0.01 nats says the unit carries information
+    informative = [int((k > 0.01).sum()) for k in kl_units]
+    result = {"epoch": history[-1]["epoch"] if history else 0, "active_units": counts,
+              "informative_units": informative, "test_elbo": test_elbo(net, test_x, noise)}
     print(f"final: test elbo {result['test_elbo']:.2f} (batch-norm statistics "
           f"{'recomputed over the training set' if bn_recompute else 'from training'}), "
-          f"active units per layer {counts}")
+          f"active units per layer {counts}, units with KL > 0.01 nats {informative}")
     if final_lk_samples:
         images = test_x[:final_lk_images] if final_lk_images else test_x
         t0 = time.perf_counter()

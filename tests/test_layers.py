@@ -286,6 +286,20 @@ def test_dense_sizes_must_be_positive_ints(n_in, n_out, error, message):
         Dense(n_in, n_out)
 
 
+def test_batch_norm_input_checks():
+    with pytest.raises(ValueError, match=r"BatchNorm: n_features must be a positive int, got 0"):
+        BatchNorm(0)
+    with pytest.raises(TypeError, match=r"BatchNorm: n_features must be an int, got 3.0"):
+        BatchNorm(3.0)
+    norm = BatchNorm(3)
+    with pytest.raises(ValueError, match=r"input of shape \(4, 5\) for 3 features: its last "
+                                         r"axis must have 3"):
+        norm(Tensor(np.ones((4, 5), np.float32)))
+    with pytest.raises(ValueError, match=r"training mode needs at least 2 rows, got 1"):
+        norm(Tensor(np.ones((1, 3), np.float32)))
+    assert norm.eval()(Tensor(np.ones((1, 3), np.float32))).shape == (1, 3)  # fine in evaluation
+
+
 def test_dense_accepts_a_plain_array_as_a_constant():
     layer = Dense(3, 2, rng=np.random.default_rng(12))
     x = np.random.default_rng(13).random((4, 3)).astype(np.float32)

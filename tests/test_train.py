@@ -181,8 +181,10 @@ def test_full_run_writes_checkpoint_metrics_final_and_plots(run, tmp_path, capsy
     assert set(final) >= {"active_units", "test_elbo", "test_lk", "lk_samples", "lk_images"}
     assert final["lk_samples"] == 5 and final["lk_images"] == 20
     assert 0 < final["stderr"] < 5  # the standard error over 20 images' bounds
-    assert len(final["active_units"]) == 2
-    assert all(0 <= c <= u for c, u in zip(final["active_units"], (4, 2)))
+    assert final["epoch"] == 2
+    for key in ("active_units", "informative_units"):
+        assert len(final[key]) == 2
+        assert all(isinstance(c, int) and 0 <= c <= u for c, u in zip(final[key], (4, 2)))
 
     arrays, meta = read_ckpt(out)  # no pickle needed
     assert meta["epoch"] == 2 and meta["step"] == 0
@@ -440,6 +442,40 @@ def test_ctrl_c_during_end_of_epoch_evaluation_then_resume_is_identical(
     assert without_timings(read_metrics(straight)) == without_timings(read_metrics(stopped))
 
 
+def test_a_second_ctrl_c_during_the_save_on_interrupt_waits_for_it(run, tmp_path, monkeypatch,
+                                                                   capsys):
+    """Ctrl-C at step 4, then Ctrl-C again while that stop's checkpoint is being written:
+    the save finishes, the 4 steps are kept, and resuming continues identically."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(straight, "--epochs=2") == 0
+    real_step, real_save = layers.Adam.step, checkpoint.save
+    monkeypatch.setattr(layers.Adam, "step", interrupt_on_call(real_step, 4))
+    monkeypatch.setattr(checkpoint, "save", interrupt_on_call(real_save, 1))
+    assert run(stopped, "--epochs=2") == 1
+    printed = capsys.readouterr().out
+    assert "could not be written" not in printed and "holds epoch 1, after step 4" in printed
+    monkeypatch.setattr(layers.Adam, "step", real_step)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert read_ckpt(stopped)[1]["step"] == 4
+    assert run(stopped, "--epochs=2") == 0
+    assert_same_checkpoint(straight, stopped)
+
+
+def test_continuing_a_finished_run_removes_its_final_json(run, tmp_path, monkeypatch, capsys):
+    """final.json describes the weights at the end of the earlier, shorter run: once more
+    epochs train it is stale, so it goes, and the new end writes it again."""
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1", "--final_lk_samples=0", final=True) == 0
+    assert json.loads((out / "final.json").read_text())["epoch"] == 1
+    real = lvae.kl_per_unit
+    monkeypatch.setattr(lvae, "kl_per_unit", interrupt_on_call(real, 1, how="raise"))
+    assert run(out, "--epochs=2", "--final_lk_samples=0", final=True) == 1  # stopped in finalize
+    assert "removed" in capsys.readouterr().out and not (out / "final.json").exists()
+    monkeypatch.setattr(lvae, "kl_per_unit", real)
+    assert run(out, "--epochs=2", "--final_lk_samples=0", final=True) == 0
+    assert json.loads((out / "final.json").read_text())["epoch"] == 2
+
+
 def test_interrupt_before_any_step_is_done_saves_nothing(run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     monkeypatch.setattr(layers.Adam, "step",
@@ -672,6 +708,7 @@ def test_unknown_option_lists_the_valid_ones(run, tmp_path):
     ("--lr=fast", r"--lr expects a number like 0.002"),
     ("--batch_norm=maybe", r"--batch_norm expects true or false"),
     ("--z_dims=4,x", r"--z_dims expects comma-separated integers like 4,2, got '4,x'"),
+    ("--z_dims=4,,2", r"--z_dims expects comma-separated integers like 4,2, got '4,,2'"),
 ])
 def test_wrong_type_names_the_key_and_the_type(run, tmp_path, arg, pattern):
     with pytest.raises(SystemExit, match=pattern):
@@ -752,6 +789,18 @@ def test_option_values_that_cannot_work_are_refused_before_loading_data(
     monkeypatch.setattr(data, "load_dataset", lambda *a: pytest.fail("data loaded"))
     with pytest.raises(ValueError, match=pattern):
         run(tmp_path / "run", *arg.split())
+
+
+@pytest.mark.parametrize("batch_size", [1, len(SYNTHETIC.train_x) - 1])
+def test_a_batch_of_one_image_with_batch_norm_is_refused(run, tmp_path, batch_size):
+    """Batch norm over one row maps every input to beta: a batch of 1 (or a last batch of
+    1) would train on nothing. Without batch norm it is allowed."""
+    with pytest.raises(ValueError, match=f"--batch_size={batch_size}: with batch norm every "
+                                         f"batch needs 2 images or more"):
+        run(tmp_path / "bn", f"--batch_size={batch_size}")
+    assert not (tmp_path / "bn").exists()
+    assert run(tmp_path / "no_bn", f"--batch_size={batch_size}", "--batch_norm=false",
+               "--epochs=1") == 0
 
 
 def test_out_dir_that_is_a_file_and_warm_up_with_the_iw_bound(run, tmp_path):
@@ -935,6 +984,21 @@ def test_evaluate_recomputes_statistics_over_the_training_set(run, tmp_path, cap
     bound = lvae.log_likelihood_bound(net, test_x, 6, noise)
     assert result["test_lk"] == pytest.approx(float(bound.mean()), rel=1e-12)
     assert result["stderr"] == pytest.approx(float(bound.std() / np.sqrt(40)), rel=1e-12)
+
+
+def test_data_root_is_stored_absolute_and_evaluate_can_override_it(run, tmp_path, monkeypatch,
+                                                                    fake_data):
+    """A relative --data_root is stored as an absolute path, so evaluate.py finds the data
+    from any folder; evaluate.py --data_root replaces the stored one."""
+    monkeypatch.chdir(tmp_path)
+    assert run(tmp_path / "run", "--epochs=1", "--data_root=my/data") == 0
+    assert read_ckpt(tmp_path / "run")[1]["config"]["data_root"] == str(tmp_path / "my" / "data")
+    roots = []
+    monkeypatch.setattr(data, "load_dataset", lambda name, root=None: roots.append(root) or fake_data)
+    ckpt = str(tmp_path / "run" / "ckpt.npz")
+    for extra in ([], ["--data_root=elsewhere"], ["--data_root="]):
+        evaluate.main([ckpt, "--samples=2", "--images=4", "--no_bn_recompute", *extra])
+    assert roots == [str(tmp_path / "my" / "data"), "elsewhere", None]
 
 
 def test_evaluate_rebuilds_the_trained_model(run, tmp_path):
