@@ -53,9 +53,13 @@ def _write_atomically(path, write, mode="w"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a failed write (disk full, Ctrl-C) leaves no half file behind
+    except BaseException as e:  # a failed write (disk full, Ctrl-C) leaves no half file behind
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk names no file: say which
+            message = (f"{e.strerror or e} while writing {path}; the file there before, if "
+                       f"any, is unchanged")
+            raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
         raise
 
 
@@ -161,17 +165,31 @@ def load(path, model, optimizer, noise, config):
     return progress, meta["history"]
 
 
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_count(x):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _check_progress(path, meta):
     """The parts of the metadata only a resumed run uses: counters and RNG states."""
     for key in ("epoch", "step"):
         value = meta[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not _is_count(value):
             raise CheckpointError(f"checkpoint {path} is corrupt: {key} is {value!r}, "
                                   f"not a count")
-    if not isinstance(meta["history"], list):
-        raise CheckpointError(f"checkpoint {path} is corrupt: its history is not a list")
+    history = meta["history"]
+    if not (isinstance(history, list) and all(isinstance(r, dict) and _is_count(r.get("epoch"))
+                                              for r in history)):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its history is not a list of "
+                              f"epoch records")
     sums = meta["sums"]
-    if sums is not None and not (isinstance(sums, dict) and set(SUMS_KEYS) <= set(sums)):
+    if sums is not None and not (isinstance(sums, dict) and set(SUMS_KEYS) <= set(sums)
+                                 and all(_is_number(sums[k]) for k in ("elbo", "log_px", "n"))
+                                 and isinstance(sums["kl"], list)
+                                 and all(_is_number(k) for k in sums["kl"])):
         raise CheckpointError(f"checkpoint {path} is corrupt: its sums are {sums!r}")
     for key in ("noise_rng", "data_rng"):
         try:  # NumPy validates a state when it is set: try it on a scratch generator

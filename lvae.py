@@ -528,6 +528,8 @@ def active_units(model, x, noise, threshold=0.01, samples=10):
 def sample_prior(model, n, noise):
     """n images drawn from the model: z_L ~ N(0, I), then z_i ~ p(z_i|z_i+1), then
     the Bernoulli means sigmoid(logits). Returns a NumPy array (n, x_dim)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"sample_prior: n is the number of images, a positive int, got {n!r}")
     with evaluation(model):
         like = model.output.weight.data
         top = model.n_layers - 1

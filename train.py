@@ -410,6 +410,10 @@ def main(argv):
                         {"epoch": epoch, "step": step, "sums": sums, "data_rng": epoch_rng_state})
 
     steps_per_epoch = math.ceil(len(ds.train_x) / batch_size)
+    if state["step"] > steps_per_epoch:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {ckpt_path} is corrupt: it stopped after step {state['step']} of an "
+            f"epoch of {steps_per_epoch} steps; {checkpoint.RESUME_ADVICE}")
     epoch = state["epoch"]
     try:
         while epoch < epochs:
@@ -563,5 +567,7 @@ if __name__ == "__main__":
         sys.exit(f"error: {e}")
     except OSError as e:  # e.g. the disk is full: the message names the file
         sys.exit(f"error: {e}")
+    except MemoryError as e:  # e.g. --hidden=100000000: NumPy says how much it wanted
+        sys.exit(f"error: out of memory ({e}); try smaller --hidden, --z_dims or --batch_size")
     except KeyboardInterrupt:  # while loading data or the checkpoint: nothing was written
         sys.exit("interrupted before training started")

@@ -172,7 +172,12 @@ def test_bad_generator_state_is_named(tmp_path, key, bad):
         resume(path)
 
 
-@pytest.mark.parametrize("key, bad", [("epoch", -1), ("step", "3"), ("sums", [1])])
+@pytest.mark.parametrize("key, bad", [
+    ("epoch", -1), ("step", "3"), ("sums", [1]), ("epoch", True),
+    ("sums", {"elbo": "x", "log_px": 0.0, "kl": [0.0], "n": 1}),
+    ("sums", {"elbo": 0.0, "log_px": 0.0, "kl": 0.0, "n": 1}),
+    ("history", [1, 2]), ("history", [{"train_elbo": -90.0}]), ("history", {"epoch": 1}),
+])
 def test_bad_progress_is_named(tmp_path, key, bad):
     path = rewrite(write_checkpoint(tmp_path / "ckpt.npz"),
                    lambda a, m: m.update({key: bad}))

@@ -832,6 +832,13 @@ def test_active_units_needs_two_samples():
         lvae.active_units(tiny_model("lvae"), binary_batch(5), lvae.Noise(0), samples=1)
 
 
+@pytest.mark.parametrize("n", [0, -1, 2.5, True])
+def test_sample_prior_needs_a_positive_count(n):
+    with pytest.raises(ValueError, match=f"sample_prior: n is the number of images, a positive "
+                                         f"int, got {n!r}"):
+        lvae.sample_prior(tiny_model("lvae"), n, lvae.Noise(0))
+
+
 def test_sample_prior_is_reproducible_and_uses_the_noise():
     model = tiny_model("lvae")
     a = lvae.sample_prior(model, 5, lvae.Noise(1))

@@ -397,6 +397,17 @@ def test_script_saves_on_sigterm(tmp_path):
     assert meta["epoch"] == 0 and meta["step"] >= 3
 
 
+def test_script_says_out_of_memory_without_a_traceback(tmp_path):
+    """A model far too large fails at its first allocation: one line, no traceback."""
+    command = [sys.executable, str(ROOT / "train.py"), "--z_dims=4,2", "--hidden=100000000,8",
+               f"--out_dir={tmp_path / 'run'}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: out of memory (Unable to allocate") and \
+        "try smaller --hidden" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_ctrl_c_in_iw_training_then_resume_is_identical(run, tmp_path, monkeypatch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     flags = ["--epochs=2", "--iw_samples=3", "--warmup=0"]
@@ -563,12 +574,29 @@ def test_checkpoint_write_is_atomic(run, tmp_path, monkeypatch, failure):
     if failure is KeyboardInterrupt:  # train.py treats it as Ctrl-C and stops cleanly
         assert run(out, "--epochs=2") == 1
     else:
-        with pytest.raises(OSError, match="no space"):
+        with pytest.raises(OSError, match=r"no space left on device while writing .*ckpt.npz; "
+                                          r"the file there before, if any, is unchanged"):
             run(out, "--epochs=2")  # the end-of-epoch save fails
     monkeypatch.undo()
     assert (out / "ckpt.npz").read_bytes() == before
     assert_no_tmp_files(out)
     assert read_ckpt(out)[1]["epoch"] == 1
+
+
+def test_a_checkpoint_step_beyond_the_epoch_is_corrupt(run, tmp_path):
+    """A readable checkpoint whose step lies past the epoch's end (edited by hand, or by
+    other code) is named, not a ZeroDivisionError from an empty epoch."""
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1") == 0
+    with np.load(out / "ckpt.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    meta.update(step=STEPS_PER_EPOCH + 5, sums={"elbo": 0.0, "log_px": 0.0, "kl": [0.0, 0.0], "n": 0})
+    np.savez(out / "ckpt.npz", meta=np.array(json.dumps(meta)), **arrays)
+    with pytest.raises(checkpoint.CheckpointError, match=f"corrupt: it stopped after step "
+                                                         f"{STEPS_PER_EPOCH + 5} of an epoch of "
+                                                         f"{STEPS_PER_EPOCH} steps"):
+        run(out, "--epochs=2")
 
 
 def test_truncated_checkpoint_is_a_clear_error(run, tmp_path):
