@@ -143,13 +143,7 @@ def load(path, model, optimizer, noise, config):
         arrays, meta = _read(path)
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {RESUME_ADVICE}") from None
-    for key in ARCHITECTURE_KEYS:
-        saved, now = meta["config"].get(key), config.get(key)
-        if isinstance(now, tuple) and isinstance(saved, list):
-            saved = tuple(saved)
-        if saved != now:
-            raise CheckpointError(f"checkpoint {path} was trained with {key}={saved!r}, "
-                                  f"but this run has {key}={now!r}: use another out_dir")
+    _check_architecture(path, meta["config"], config, ARCHITECTURE_KEYS, "use another out_dir")
     try:
         _check_progress(path, meta)
         _load_model_state(path, arrays, model)
@@ -199,9 +193,26 @@ def _check_progress(path, meta):
                                   f"random-generator state") from None
 
 
-def load_weights(path, model):
-    """Load only the model weights of a checkpoint (to fine-tune or to evaluate)."""
+def _check_architecture(path, saved_config, config, keys, advice):
+    """Refuse a checkpoint trained with other values of ``keys`` than ``config``, naming
+    the first that differs (rather than the first weight whose shape differs)."""
+    for key in keys:
+        saved, now = saved_config.get(key), config.get(key)
+        if isinstance(now, tuple) and isinstance(saved, list):
+            saved = tuple(saved)
+        if saved != now:
+            raise CheckpointError(f"checkpoint {path} was trained with {key}={saved!r}, "
+                                  f"but this run has {key}={now!r}: {advice}")
+
+
+def load_weights(path, model, config=None):
+    """Load only the model weights of a checkpoint (to fine-tune or to evaluate). With the
+    run's ``config``, a checkpoint of another architecture is refused by name first."""
     arrays, meta = _read(path)
+    if config is not None:  # the data set may differ, if its images have the same size
+        _check_architecture(path, meta["config"], config,
+                            [k for k in ARCHITECTURE_KEYS if k != "dataset"],
+                            "--init_from needs a checkpoint of the same architecture")
     _load_model_state(path, arrays, model)
     return meta
 

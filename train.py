@@ -393,7 +393,7 @@ def main(argv):
         # file would otherwise leave the file an epoch short
         checkpoint.write_metrics(metrics_path, history)
     elif init_from:
-        checkpoint.load_weights(init_from, net)
+        checkpoint.load_weights(init_from, net, config)
         print(f"initialised weights from {init_from}")
     print(f"{model}: {sum(p.size for p in net.parameters()):,} parameters, {dataset} "
           f"{ds.train_x.shape[0]} train / {ds.test_x.shape[0]} test, device {device}")

@@ -226,6 +226,15 @@ def test_recorded_train_terms_are_the_batch_size_weighted_means(run, tmp_path, m
         assert kl == pytest.approx(sum(k[i] * b for _, _, k, b in steps) / n, rel=1e-12)
 
 
+@pytest.mark.parametrize("change", ["--model=vae", "--batch_norm=false", "--hidden=16,4"])
+def test_init_from_another_architecture_names_the_difference(run, tmp_path, change):
+    assert run(tmp_path / "a", "--epochs=1", change) == 0
+    key, value = change[2:].split("=")
+    with pytest.raises(checkpoint.CheckpointError, match=f"was trained with {key}=.*but this run "
+                                                         f"has {key}=.*same architecture"):
+        run(tmp_path / "b", "--epochs=1", f"--init_from={tmp_path / 'a' / 'ckpt.npz'}")
+
+
 def test_init_from_loads_weights_only(run, tmp_path):
     assert run(tmp_path / "a", "--epochs=1") == 0
     importlib.reload(train)
