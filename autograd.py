@@ -377,6 +377,9 @@ class _Slots(list):
         return _Slots(a if b is None else b if a is None else a + b for a, b in zip(self, other))
 
 
+_NO_VALUE = np.empty(0)  # the data of record_multi's joint nodes (no array, no GPU work)
+
+
 def record_multi(datas, parents, backward):
     """Like ``record`` for an op with several outputs that share one backward pass.
 
@@ -386,7 +389,7 @@ def record_multi(datas, parents, backward):
     outs = [Tensor(d) for d in datas]
     if not (_grad_enabled and any(p.requires_grad for p in parents)):
         return outs
-    joint = Tensor(outs[0].data.reshape(-1)[:0], requires_grad=True)  # it holds no value
+    joint = Tensor(_NO_VALUE, requires_grad=True)  # a node for the graph; its data is never read
     joint._parents, joint._backward = parents, backward
     n = len(outs)
     for i, out in enumerate(outs):
