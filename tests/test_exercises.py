@@ -614,17 +614,24 @@ def test_merge_forward_mistakes_are_named(capsys, wrong_forward, hint):
 
 def test_a_reparameterize_that_sums_only_a_third_axis_is_told_why(capsys):
     """The docstring's shapes, (B, d) with eps (B, d) or (K, B, d), read as a rule on
-    eps.ndim: the Monte Carlo part (mu of shape (3,), eps (200000, 3)) says what to sum."""
-    def reparameterize(mu, var, eps):
-        std = np.sqrt(var.data)
+    eps.ndim: the op's own part (eps up to (2, K, B, d)) catches eps.ndim == 3, and the
+    Monte Carlo part (mu of shape (3,), eps (200000, 3)) a sum over all but the last two
+    axes, and says what to sum."""
+    def reparameterize_summing(axes_of):
+        def reparameterize(mu, var, eps):
+            std = np.sqrt(var.data)
 
-        def backward(g):
-            d_mu, d_var = g, g * eps * 0.5 / std
-            if eps.ndim == 3:
-                d_mu, d_var = d_mu.sum(axis=0), d_var.sum(axis=0)
-            return d_mu, d_var
-        return record(mu.data + std * eps, (mu, var), backward)
-    assert checks.check_reparameterize(reparameterize) is False
+            def backward(g):
+                axes = axes_of(eps)
+                return g.sum(axis=axes), (g * eps * 0.5 / std).sum(axis=axes)
+            return record(mu.data + std * eps, (mu, var), backward)
+        return reparameterize
+    third_axis = reparameterize_summing(lambda eps: (0,) if eps.ndim == 3 else ())
+    assert checks.check_reparameterize(third_axis) is False
+    out = capsys.readouterr().out
+    assert "returned a gradient of shape (2, 4, 2, 3) for mu of shape (2, 3)" in out, out
+    all_but_two = reparameterize_summing(lambda eps: tuple(range(eps.ndim - 2)))
+    assert checks.check_reparameterize(all_but_two) is False
     out = capsys.readouterr().out
     assert "PASS: reparameterize:" in out, out
     assert ("WRONG: reparameterize, Monte Carlo: with mu of shape (3,) and eps of shape "
@@ -643,22 +650,27 @@ def test_a_naive_iw_bound_fails_on_very_low_log_weights(capsys):
     assert "build L_K from your logsumexp op" in out
 
 
+def batch_norm_solution_with(dx_of=lambda dx: dx, dgamma_of=lambda dgamma, g: dgamma):
+    """The solution of exercise 4 with dx replaced by dx_of(dx) and dgamma by
+    dgamma_of(dgamma, g)."""
+    real = solution("04_batchnorm_backward")["batch_norm"]
+
+    def batch_norm(x, gamma, beta, eps=1e-5):
+        out = real(x, gamma, beta, eps)
+        backward = out._backward
+
+        def partial(g):
+            dx, dgamma, dbeta = backward(g)
+            return dx_of(dx), dgamma_of(dgamma, g), dbeta
+        out._backward = partial
+        return out
+    return batch_norm
+
+
 def test_batch_norm_dx_left_as_zero_or_blank(capsys):
     """A student who does dgamma and dbeta first: a dx of zeros is named as such, and a
     dx still None does not hold up the check of dgamma and dbeta."""
-    ns = solution("04_batchnorm_backward")
-    real = ns["batch_norm"]
-
-    def with_dx(dx_of):
-        def batch_norm(x, gamma, beta, eps=1e-5):
-            out = real(x, gamma, beta, eps)
-            backward = out._backward
-            def partial(g):
-                dx, dgamma, dbeta = backward(g)
-                return dx_of(dx), dgamma, dbeta
-            out._backward = partial
-            return out
-        return batch_norm
+    with_dx = batch_norm_solution_with
     assert checks.check_batchnorm_backward(with_dx(np.zeros_like)) is False
     out = capsys.readouterr().out
     assert "PASS: batch norm backward, dgamma and dbeta" in out, out
@@ -727,3 +739,170 @@ def test_logsumexp_backward_without_the_reduced_axis_put_back(capsys):
                                                ns["iw_bound"]) is False
     out = capsys.readouterr().out
     assert "WRONG GRADIENT: logsumexp backward: for a" in out and "expand_dims" in out, out
+
+
+# ----------------------------------------------------------------------------------
+# 1. A teacher's review: hints that name the mistake, blanks and shapes
+# ----------------------------------------------------------------------------------
+def kl_backward_with(mistake):
+    """The solution's kl_backward with one of the usual mistakes."""
+    right = solution("03_gaussian_kl")["kl_backward"]
+
+    def kl_backward(g, mq, vq, mp, vp):
+        d = list(right(g, mq, vq, mp, vp))
+        if mistake == "log var_q":  # d/d log var_q = var_q d/d var_q
+            d[1] = d[1] * vq
+        elif mistake == "log var_p":
+            d[3] = d[3] * vp
+        elif mistake == "sign":
+            d[1] = -d[1]
+        elif mistake == "no g":
+            d = list(right(np.ones_like(g), mq, vq, mp, vp))
+        elif mistake == "KL(p||q)":  # the gradients of KL(p || q), for (mu_q, ..., var_p)
+            d_mp, d_vp, d_mq, d_vq = right(g, mp, vp, mq, vq)
+            d = [d_mq, d_vq, d_mp, d_vp]
+        return tuple(d)
+    return kl_backward
+
+
+@pytest.mark.parametrize("mistake, where, hint", [
+    ("log var_q", "for var_q", "this is the gradient for log var_q (the true one times var_q)"),
+    ("log var_p", "for var_p", "this is the gradient for log var_p (the true one times var_p)"),
+    ("sign", "for var_q", "the sign is flipped"),
+    ("no g", "for mu_q", "g is missing"),
+    ("KL(p||q)", "for mu_q", "this is the gradient of KL(p || q)"),
+])
+def test_kl_backward_mistakes_are_named(capsys, mistake, where, hint):
+    ns = solution("03_gaussian_kl")
+    assert checks.check_kl(ns["kl_forward"], kl_backward_with(mistake)) is False
+    out = capsys.readouterr().out
+    assert f"WRONG GRADIENT: KL backward: {where}, at" in out, out
+    assert hint in out.split("hint: ")[1], out
+
+
+def test_kl_forward_written_for_log_variances_is_named(capsys):
+    def kl_forward(mq, vq, mp, vp):  # var read as log-variance, as many VAE codes store it
+        return 0.5 * (vp - vq + (np.exp(vq) + (mq - mp) ** 2) / np.exp(vp) - 1)
+    assert checks.check_kl(kl_forward, solution("03_gaussian_kl")["kl_backward"]) is False
+    out = capsys.readouterr().out
+    assert "WRONG: KL forward" in out and "the KL written for log-variances" in out, out
+
+
+def test_reparameterize_with_var_as_log_variance_is_named(capsys):
+    right_backward = lambda g, mu, var, eps: (sum_to(g, mu.shape),
+                                              sum_to(g * eps * 0.5 / np.sqrt(var.data), var.shape))
+    as_log_variance = reparameterize_with(lambda v: np.exp(v / 2), right_backward)
+    assert checks.check_reparameterize(as_log_variance) is False
+    out = capsys.readouterr().out
+    assert "WRONG: reparameterize: z, at" in out, out
+    assert "z = mu + exp(var / 2) * eps treats var as a log-variance" in out, out
+
+
+def test_reparameterize_summing_only_the_first_axis_is_wrong(capsys):
+    """A backward that sums axis 0 alone passes with one extra axis (K, B, d): the check
+    also draws eps with two, (2, K, B, d)."""
+    def backward(g, mu, var, eps):
+        d_var = g * eps * 0.5 / np.sqrt(var.data)
+        if g.ndim > mu.ndim:
+            return g.sum(axis=0), d_var.sum(axis=0)
+        return g, d_var
+    assert checks.check_reparameterize(reparameterize_with(np.sqrt, backward)) is False
+    out = capsys.readouterr().out
+    assert ("WRONG: reparameterize: reparameterize's backward returned a gradient of shape "
+            "(4, 2, 3) for mu of shape (2, 3)") in out, out
+
+
+def test_batch_norm_dx_left_as_ellipsis_and_gamma_named(capsys):
+    """`return ..., dgamma, dbeta` is a blank dx (the README's rule), not a gradient of
+    shape (); and a wrong dgamma is named as gamma's in the dx part too."""
+    assert checks.check_batchnorm_backward(batch_norm_solution_with(lambda dx: ...)) is False
+    out = capsys.readouterr().out
+    assert "PASS: batch norm backward, dgamma and dbeta" in out, out
+    assert "NOT DONE YET: batch norm backward, dx: batch_norm's backward returned" in out, out
+    not_summed = batch_norm_solution_with(dgamma_of=lambda dgamma, g: g)  # shape (6, 3)
+    assert checks.check_batchnorm_backward(not_summed) is False
+    out = capsys.readouterr().out
+    assert ("WRONG: batch norm backward, dx: batch_norm's backward returned a gradient of "
+            "shape (6, 3) for gamma of shape (3,)") in out, out
+    assert "an input of shape" not in out, out
+
+
+# ----------------------------------------------------------------------------------
+# 2. A teacher's review: the set-up cell, the graded cell, renamed downloads
+# ----------------------------------------------------------------------------------
+def test_setup_cell_outside_the_repository_says_so(tmp_path):
+    """A notebook opened outside the repository: one clear error in the set-up cell, not
+    a bare ModuleNotFoundError for checks and NameErrors after it."""
+    import subprocess
+    setup = next(source(c) for c in notebook_json("01_softplus")["cells"]
+                 if c["cell_type"] == "code")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", setup], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "FileNotFoundError: checks.py not found in" in run.stderr, run.stderr
+    assert "open this notebook from inside the repository" in run.stderr, run.stderr
+
+
+def test_students_are_told_to_keep_their_code_in_the_exercise_cell():
+    for name in NAMES:
+        how = [source(c) for c in notebook_json(name)["cells"]
+               if source(c).startswith("**How this notebook works.**")]
+        assert len(how) == 1 and "code in new cells is not graded" in how[0], name
+
+
+@pytest.mark.parametrize("filename, exercise", [
+    ("alice_1234_02_merge.ipynb", "02_merge"),
+    ("03_gaussian_kl (1).ipynb", "03_gaussian_kl"),
+    ("Bob-07_TOP_DOWN.ipynb", "07_top_down"),
+    ("merge.ipynb", None),
+    ("102_merge.ipynb", None),
+])
+def test_grade_reads_the_exercise_from_a_renamed_file(filename, exercise):
+    assert grade.exercise_from_filename(filename) == exercise
+
+
+def test_grade_reads_the_exercise_from_the_check_call(tmp_path):
+    pytest.importorskip("nbformat", reason="grade.py reads notebooks with nbformat")
+    import nbformat
+    for name in NAMES:
+        nb = nbformat.read(os.path.join(EXERCISES, name + ".ipynb"), as_version=4)
+        for cell in grade.tagged(nb, "check"):
+            cell.metadata["tags"] = []  # the tag lost: the call still says which
+        nbformat.write(nb, str(tmp_path / "Untitled.ipynb"))
+        assert grade.identify(str(tmp_path / "Untitled.ipynb")) == name
+    nbformat.write(nbformat.v4.new_notebook(), str(tmp_path / "scratch.ipynb"))
+    assert grade.identify(str(tmp_path / "scratch.ipynb")) is None
+
+
+@pytest.mark.slow
+def test_grade_a_folder_of_renamed_downloads(tmp_path, capsys):
+    """Downloads renamed by a learning platform are graded as their exercise; two files
+    for one exercise are both flagged; a helper in a new cell is named as not graded."""
+    _need_jupyter()
+    import nbformat
+
+    def student(name, filename, code, extra=None):
+        nb = nbformat.read(os.path.join(EXERCISES, name + ".ipynb"), as_version=4)
+        grade.fill_in(nb, code)
+        if extra:
+            nb.cells.append(nbformat.v4.new_code_cell(extra))
+        nbformat.write(nb, str(tmp_path / filename))
+
+    student("02_merge", "alice_1234_02_merge.ipynb", solution_source("02_merge"),
+            extra="def helper(x):\n    return x")
+    student("03_gaussian_kl", "03_gaussian_kl (1).ipynb", blank_source("03_gaussian_kl"))
+    student("03_gaussian_kl", "03_gaussian_kl.ipynb", blank_source("03_gaussian_kl"))
+    student("01_softplus", "Untitled.ipynb", solution_source("01_softplus"))
+    status = grade.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 1, out
+    assert f"{tmp_path / 'alice_1234_02_merge.ipynb'} (02_merge): 2 of 2 parts pass" in out, out
+    assert "note: code outside the exercise cell is not graded: cell " in out, out
+    assert "`def helper(x):`" in out, out
+    assert f"{tmp_path / 'Untitled.ipynb'} (01_softplus): 2 of 2 parts pass" in out, out
+    assert out.count("2 notebooks in this folder are 03_gaussian_kl: 03_gaussian_kl (1).ipynb, "
+                     "03_gaussian_kl.ipynb") == 2, out
+    for name in ("01_softplus", "02_merge", "03_gaussian_kl"):
+        assert f"{tmp_path / name}.ipynb: MISSING" not in out, out
+    assert "not one of the exercises" not in out, out

@@ -17,6 +17,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # The first code cell: checks.py sits next to the notebook; find it wherever the kernel
 # was started (usually this folder). Importing checks puts the project on sys.path.
+# Outside the repository, say so here rather than with a bare ModuleNotFoundError and
+# then a NameError in every cell below (the wording of build_notebooks.py's SETUP).
 SETUP = '''import sys
 from pathlib import Path
 
@@ -24,6 +26,10 @@ for folder in [Path.cwd(), *Path.cwd().parents]:
     if (folder / "notebooks" / "exercises" / "checks.py").exists():
         sys.path.insert(0, str(folder / "notebooks" / "exercises"))
         break
+else:
+    raise FileNotFoundError(f"checks.py not found in {Path.cwd()} or above (it is in "
+                            f"notebooks/exercises/): open this notebook from inside the "
+                            f"repository")
 
 import numpy as np
 
@@ -66,6 +72,8 @@ HOW = """
 below it. The check prints `PASS`, `NOT DONE YET` (a blank is still empty) or `WRONG`
 with the input, the expected value and yours; for a gradient it shows your backward's
 value beside the finite-difference one. Run the cells from the top (*Run All* works).
+Keep all your code inside the exercise cell: code in new cells is not graded (the
+grader takes only the exercise cell).
 """
 
 # ----------------------------------------------------------------------------------
@@ -563,6 +571,8 @@ below it. The check prints `PASS`, `NOT DONE YET` (the blank is still empty) or 
 with the layer, the expected value and yours, and a hint; then it compares the gradient
 of every weight through your pass with the gradient through the project's
 `LadderVAE.infer`. Run the cells from the top (*Run All* works).
+Keep all your code inside the exercise cell: code in new cells is not graded (the
+grader takes only the exercise cell).
 """
 
 # ----------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def _op_gradients(name, op, arrays, weights, names=None, only=None):
     Returns one gradient per input (zeros where none arrived), after checking that the
     op returned a recorded Tensor and that its backward returned one gradient per parent
     of the right shape. With ``only`` (names), the other inputs' gradients may still be
-    blank (None): a student may do one part of a backward before the other.
+    blank (None or ``...``): a student may do one part of a backward before the other.
     """
     leaves = [Tensor(np.array(a, dtype=np.float64), requires_grad=True) for a in arrays]
     out = op(*leaves)
@@ -228,6 +228,9 @@ def _op_gradients(name, op, arrays, weights, names=None, only=None):
             raise Wrong(f"{name}'s backward returned {len(grads)} gradients for "
                         f"{len(out._parents)} parents")
         labels = {id(leaf): label for leaf, label in zip(leaves, names or [])}
+        if any(g is Ellipsis for g in grads):  # blanks outside ``only`` (_blank passed)
+            out._backward = _ellipsis_as_none(out._backward)  # the engine skips a None
+            grads = [None if g is Ellipsis else g for g in grads]
         for parent, g in zip(out._parents, grads):
             label = labels.get(id(parent))
             if isinstance(g, Tensor):
@@ -243,6 +246,14 @@ def _op_gradients(name, op, arrays, weights, names=None, only=None):
     out.backward(np.asarray(weights, dtype=np.float64).reshape(out.shape))
     return [np.zeros(leaf.shape) if leaf.grad is None else np.asarray(leaf.grad, np.float64)
             for leaf in leaves]
+
+
+def _ellipsis_as_none(backward):
+    """A backward whose ``...`` gradients (blanks) come out as None, which the engine
+    skips, as it does for an input that needs no gradient."""
+    def wrapped(g):
+        return tuple(None if grad is Ellipsis else grad for grad in backward(g))
+    return wrapped
 
 
 def _weights(shape, seed=0):
@@ -517,6 +528,39 @@ def check_merge(merge_forward, merge_backward):
 # ----------------------------------------------------------------------------------
 # Exercise 3: the analytic Gaussian KL
 # ----------------------------------------------------------------------------------
+def _kl_of_log_variances(mu_q, var_q, mu_p, var_p):
+    """The KL as a student writes it who reads var as a log-variance (as many VAE codes
+    store it): var_p - var_q for the logs, exp(var) for the variances."""
+    diff = mu_q - mu_p
+    return 0.5 * (var_p - var_q + (np.exp(var_q) + diff * diff) / np.exp(var_p) - 1)
+
+
+def _kl_gradient_hint(name, got, g, mu_q, var_q, mu_p, var_p):
+    """A hint naming the usual mistake that gives ``got`` as the gradient for ``name``,
+    in the manner of _merge_gradient_hint: the first wrong candidate that ``got`` matches
+    (one that happens to equal the true gradient is skipped), else the general rule."""
+    index = ("mu_q", "var_q", "mu_p", "var_p").index(name)
+    right = gaussian.kl_backward(g, mu_q, var_q, mu_p, var_p)[index]
+    # KL(p || q) has the roles swapped: its gradients come in the order (p's, q's)
+    reverse = gaussian.kl_backward(g, mu_p, var_p, mu_q, var_q)[(index + 2) % 4]
+    candidates = {}
+    if name.startswith("var"):
+        # d/d log var = var * d/d var: the gradient of a code that stores log-variances
+        candidates[f"this is the gradient for log {name} (the true one times {name}): "
+                   f"{name} is a variance here, so differentiate with respect to {name} "
+                   f"itself, e.g. d log {name} / d {name} = 1 / {name}"] = right * (
+                       var_q if name == "var_q" else var_p)
+    candidates["the sign is flipped"] = -right
+    candidates["g is missing: multiply every gradient by g = dL/dKL"] = right / g
+    candidates[f"this is the gradient of KL(p || q): the ELBO's KL is KL(q || p) = 0.5 "
+               f"(log var_p - log var_q + (var_q + (mu_q - mu_p)^2) / var_p - 1)"] = reverse
+    got = np.asarray(got, dtype=np.float64)
+    for hint, wrong in candidates.items():
+        if not np.allclose(wrong, right) and np.allclose(got, wrong, rtol=1e-6, atol=1e-9):
+            return hint
+    return "differentiate each term of the KL; multiply by g"
+
+
 def check_kl_forward(kl_forward):
     """Exercise 3a: KL(N(mu_q, var_q) || N(mu_p, var_p)) against gaussian.kl_forward."""
     def body():
@@ -535,6 +579,10 @@ def check_kl_forward(kl_forward):
             elif np.allclose(got, expected - 0.25 * np.log(arrays[3] / arrays[1])):
                 hint = ("the log terms are halved: log var is 2 log sigma, so use the "
                         "variances in the logs, not standard deviations")
+            elif np.allclose(got, _kl_of_log_variances(*arrays)):
+                hint = ("your values are the KL written for log-variances (var_p - var_q "
+                        "and exp(var)): here var_q and var_p are variances, so take "
+                        "log var_p - log var_q and divide by var_p itself")
         _compare("kl_forward", got, expected, inputs, hint=hint)
         same = (arrays[0], arrays[1], arrays[0].copy(), arrays[1].copy())
         _compare("kl_forward", kl_forward(*same), np.zeros(arrays[0].shape),
@@ -560,7 +608,7 @@ def check_kl_backward(kl_backward):
         for name, got, num in zip(names, grads, numeric):
             got = _array(f"kl_backward's gradient for {name}", got, num.shape)
             _compare_gradient(f"for {name}", got, num, dict(inputs, g=g),
-                              hint="differentiate each term of the KL; multiply by g")
+                              hint=_kl_gradient_hint(name, got, g, *arrays))
         return "all four gradients agree with finite differences"
     return run_part("KL backward", body)
 
@@ -629,7 +677,7 @@ def check_batchnorm_backward(batch_norm):
         forward_unchanged()
         # the usual mistake, treating mean and variance as constants: name it when seen
         w = _weights(x.shape, seed=9)
-        analytic = _op_gradients("batch_norm", op, [x, gamma, beta], w)
+        analytic = _op_gradients("batch_norm", op, [x, gamma, beta], w, names, only=("x",))
         naive = w * gamma / np.sqrt(x.var(axis=0) + eps)
         hint = _batch_norm_dx_hint(analytic[0], x, eps)
         if np.allclose(analytic[0], naive, rtol=1e-6, atol=1e-9):
@@ -749,6 +797,22 @@ def check_logsumexp_and_iw_bound(logsumexp_array, logsumexp, iw_bound):
 # ----------------------------------------------------------------------------------
 # Exercise 6: the reparameterisation trick
 # ----------------------------------------------------------------------------------
+def _reparameterize_hint(got, mu, var, eps):
+    """A hint naming what a wrong z computes: var read as a standard deviation or as a
+    log-variance (as many VAE codes store it), else the rule."""
+    candidates = {
+        "var is a variance, not a standard deviation: z = mu + sqrt(var) * eps":
+            mu + var * eps,
+        "z = mu + exp(var / 2) * eps treats var as a log-variance; here var is the "
+        "variance itself: z = mu + sqrt(var) * eps": mu + np.exp(var / 2) * eps,
+    }
+    if isinstance(got, np.ndarray) and got.shape == mu.shape:
+        for hint, wrong in candidates.items():
+            if np.allclose(got, wrong, rtol=RTOL, atol=ATOL):
+                return hint
+    return "z = mu + sqrt(var) * eps: var is a variance, not a standard deviation"
+
+
 def check_reparameterize(reparameterize):
     """Exercise 6: z = mu + sqrt(var) eps as an op, with broadcasting over samples."""
     def forward_and_gradients():
@@ -762,19 +826,23 @@ def check_reparameterize(reparameterize):
         if not isinstance(z, Tensor):
             raise Wrong(f"reparameterize returned {type(z).__name__}, expected a Tensor")
         _compare("z", z.data, ref.data, {"mu": mu, "var": var, "eps": eps},
-                 hint="z = mu + sqrt(var) * eps: var is a variance, not a standard deviation")
+                 hint=_reparameterize_hint(z.data, mu, var, eps))
         _check_op_gradients("reparameterize", lambda m, v: reparameterize(m, v, eps),
                             [mu, var], ["mu", "var"], extra={"eps": eps},
                             hint="dz/dmu = 1, dz/dvar = eps / "
                             "(2 sqrt(var)); multiply by g")
-        # K samples share one (mu, var): eps has an extra leading axis
+        # K samples share one (mu, var): eps has an extra leading axis; and two extra
+        # axes, so that a backward summing over axis 0 alone does not pass
         eps_k = rng.standard_normal((4, 2, 3))
-        _check_op_gradients("reparameterize", lambda m, v: reparameterize(m, v, eps_k),
-                            [mu, var], ["mu", "var"], elementwise=False,
-                            hint="with eps of shape (K, B, d) and mu of shape (B, d): first "
-                            "each sample's gradient at the full shape (g for mu, g * eps / "
-                            "(2 sqrt(var)) for var), then the sum over the K samples: "
-                            "autograd.sum_to(grad, mu.shape)")
+        eps_2k = rng.standard_normal((2, 4, 2, 3))
+        for noise in (eps_k, eps_2k):
+            _check_op_gradients("reparameterize", lambda m, v: reparameterize(m, v, noise),
+                                [mu, var], ["mu", "var"], elementwise=False,
+                                hint=f"with eps of shape {noise.shape} and mu of shape "
+                                f"{mu.shape}: first each sample's gradient at the full shape "
+                                "(g for mu, g * eps / (2 sqrt(var)) for var), then the sum "
+                                "over every axis eps adds in front: "
+                                "autograd.sum_to(grad, mu.shape)")
         return "z and its gradients agree with gaussian.reparameterize and finite " \
                "differences, also with K samples per (mu, var)"
 
