@@ -307,10 +307,10 @@ def tensor(data, requires_grad=False, dtype=None):
     if isinstance(data, Tensor):
         data = data.data
     xp = get_array_module(data)
-    array = _numeric_array(xp, data)
+    array = _numeric_array(data)
     if dtype is None:
         dtype = array.dtype if array.dtype.kind == "f" else DEFAULT_DTYPE
-    return Tensor(array.astype(dtype, copy=False), requires_grad=requires_grad)
+    return Tensor(xp.asarray(array, dtype=dtype), requires_grad=requires_grad)
 
 
 def as_tensor(x, like=None):
@@ -322,8 +322,8 @@ def as_tensor(x, like=None):
     if isinstance(x, Tensor):
         return x
     if like is not None and (not hasattr(x, "shape") or isinstance(x, np.generic)):
-        xp = get_array_module(like.data)
-        return Tensor(_numeric_array(xp, x).astype(like.dtype, copy=False))
+        xp = get_array_module(like.data)  # one copy to the GPU, already in like's dtype
+        return Tensor(xp.asarray(_numeric_array(x), dtype=like.dtype))
     return tensor(x)
 
 
@@ -335,14 +335,18 @@ def _describe(x):
     return f"{type(x).__name__} of dtype {dtype}" if dtype is not None else repr(x)[:60]
 
 
-def _numeric_array(xp, x):
-    """x as an array, refused unless it holds numbers (None would become NaN, and a
-    string an array that no op can use)."""
-    try:
-        array = xp.asarray(x)
-    except (TypeError, ValueError) as e:  # e.g. a ragged list
-        raise TypeError(f"expected numbers (a Tensor, an array, a list or a number), got "
-                        f"{_describe(x)}: {e}") from None
+def _numeric_array(x):
+    """x itself if it is an array (NumPy or CuPy) or a NumPy scalar, else x as a NumPy
+    array (a number or a list: checked on the host, before any copy to a GPU); refused
+    unless it holds numbers (None would become NaN, and a string an array no op can use)."""
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        array = x
+    else:
+        try:
+            array = np.asarray(x)
+        except (TypeError, ValueError) as e:  # e.g. a ragged list
+            raise TypeError(f"expected numbers (a Tensor, an array, a list or a number), got "
+                            f"{_describe(x)}: {e}") from None
     if array.dtype.kind not in NUMERIC_KINDS:
         raise TypeError(f"expected numbers (a Tensor, an array, a list or a number), got "
                         f"{_describe(x)}")
