@@ -255,6 +255,11 @@ class HierarchicalModel(Module):
         if kl not in ("analytic", "sample"):
             raise ValueError(f"kl must be 'analytic' or 'sample', not {kl!r}")
         samples = _check_int("samples", samples)
+        # any object with Noise's methods will do (tests and bench/ bring their own)
+        if not callable(getattr(noise, "normal", None)):
+            raise TypeError(f"{type(self).__name__}: noise must be an lvae.Noise (the random "
+                            f"stream of the samples, e.g. lvae.Noise(0)), got "
+                            f"{type(noise).__name__}")
         layers = self.infer(x, noise, samples, kl)
         logits = self.decode(layers.z[0])
         xp = get_array_module(x.data)
@@ -406,7 +411,8 @@ MAX_ROWS = {"cpu": 2048, "cuda": 20000}
 
 def log_likelihood_bound(model, x, samples=5000, noise=None, batch_size=100,
                          max_rows=None, progress=None):
-    """L_K for every row of x (a NumPy array), in evaluation mode, without gradients.
+    """L_K for every row of x (a NumPy array, or a Tensor of one), in evaluation mode,
+    without gradients.
 
     Memory stays bounded whatever K is: images go in batches and samples in chunks of at
     most ``max_rows`` rows (default ``MAX_ROWS`` of the model's device), and the
@@ -418,6 +424,7 @@ def log_likelihood_bound(model, x, samples=5000, noise=None, batch_size=100,
     samples, batch_size = _check_int("samples", samples), _check_int("batch_size", batch_size)
     if max_rows is not None:
         max_rows = _check_int("max_rows", max_rows)
+    x = x.data if isinstance(x, Tensor) else x
     model._check_batch(x, on_host=True)  # once, here on the host even for a GPU model
     noise = noise if noise is not None else Noise(0)
     xp = get_array_module(model.output.weight.data)

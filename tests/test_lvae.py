@@ -832,6 +832,18 @@ def test_active_units_needs_two_samples():
         lvae.active_units(tiny_model("lvae"), binary_batch(5), lvae.Noise(0), samples=1)
 
 
+def test_noise_must_be_a_noise_stream():
+    with pytest.raises(TypeError, match=r"LadderVAE: noise must be an lvae.Noise .*got NoneType"):
+        lvae.elbo(tiny_model("lvae"), binary_batch(4), None)
+
+
+def test_log_likelihood_bound_takes_a_tensor_of_images():
+    model, x = tiny_model("lvae"), binary_batch(4)
+    np.testing.assert_array_equal(
+        lvae.log_likelihood_bound(model, autograd.Tensor(x), 3, lvae.Noise(0)),
+        lvae.log_likelihood_bound(model, x, 3, lvae.Noise(0)))
+
+
 @pytest.mark.parametrize("n", [0, -1, 2.5, True])
 def test_sample_prior_needs_a_positive_count(n):
     with pytest.raises(ValueError, match=f"sample_prior: n is the number of images, a positive "
