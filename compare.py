@@ -66,7 +66,8 @@ def read_run(folder):
             raise RunError(f"{final_path} is not what train.py writes: it needs test_elbo, "
                            f"and with test_lk also {', '.join(FINAL_KEYS[1:])}")
         for key, kind in FINAL_TYPES.items():
-            if key in final and not (isinstance(final[key], kind) and not isinstance(final[key], bool)):
+            value = final.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, kind):
                 raise RunError(f"{final_path}: {key} is {final[key]!r}, not a number")
         last = metrics[-1]["epoch"]
         if final.get("epoch", last) != last:  # files from before train.py wrote it lack it
