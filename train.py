@@ -305,9 +305,11 @@ def locate_nonfinite(net, xb, noise, noise_state, beta):
     return f"it first appeared in the output of {name or 'the model'} ({kind})"
 
 
-# the signals that stop training with a checkpoint: Ctrl-C, and SIGTERM (`kill`, a job
-# scheduler's notice) when run as a script, which makes SIGTERM raise KeyboardInterrupt too
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# the signals that stop training with a checkpoint: Ctrl-C, and when run as a script
+# SIGTERM (`kill`, a job scheduler's notice) and SIGHUP (the terminal was closed), which
+# the script makes raise KeyboardInterrupt too (Windows has no SIGHUP)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
 
 
 @contextlib.contextmanager
@@ -559,7 +561,8 @@ def finalize(net, ds, test_x, noise, history):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops like Ctrl-C
+    for stop in STOP_SIGNALS[1:]:  # `kill`, a closed terminal: they stop like Ctrl-C
+        signal.signal(stop, signal.default_int_handler)
     try:
         sys.exit(main(sys.argv[1:]))
     except (ConfigError, checkpoint.CheckpointError, data.DataError, FloatingPointError) as e:

@@ -387,8 +387,11 @@ def test_sigterm_then_resume_is_identical(run, tmp_path, monkeypatch):
     assert_same_checkpoint(straight, stopped)
 
 
-def test_script_saves_on_sigterm(tmp_path):
-    """The real thing: train.py started as a script, sent SIGTERM during its first epoch."""
+@pytest.mark.parametrize("stop", ["SIGTERM", pytest.param("SIGHUP", marks=pytest.mark.skipif(
+    not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system"))])
+def test_script_saves_on_sigterm(tmp_path, stop):
+    """The real thing: train.py started as a script, sent SIGTERM (`kill`) or SIGHUP (the
+    terminal was closed) during its first epoch."""
     out = tmp_path / "run"
     command = [sys.executable, str(ROOT / "train.py"), "--z_dims=4,2", "--hidden=16,8",
                "--n_dense=1", "--epochs=1000", "--warmup=0", "--eval_interval=0",
@@ -398,7 +401,7 @@ def test_script_saves_on_sigterm(tmp_path):
         for line in proc.stdout:  # wait until a few steps are done
             if "step 3/" in line:
                 break
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, stop))
         rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, rest
     assert "interrupted:" in rest and "run the same command again to resume" in rest
