@@ -11,10 +11,11 @@ r"""Train a Ladder VAE (or the bottom-up hierarchical VAE) on dynamically binari
 
 Configuration: the plain values below; override any with --key=value (the type must
 match the default's; unknown keys are an error). Running again with the same out_dir
-resumes from its checkpoint, exactly where it stopped (Ctrl-C or `kill` saves before exiting); the
-architecture must stay the same, and so must --init_from (a fine-tuning run needs its own
-out_dir) and, in the middle of an epoch, --batch_size; a change of any other option (a
-longer --epochs, a new --lr) is printed when the run resumes. The paper's code also clips the gradient
+resumes from its checkpoint, exactly where it stopped (Ctrl-C, `kill` or closing the
+terminal saves before exiting); the architecture must stay the same, and so must
+--init_from (a fine-tuning run needs its own out_dir) and, in the middle of an epoch,
+--batch_size; a change of any other option (a longer --epochs, a new --lr) is printed when
+the run resumes. The paper's code also clips the gradient
 norm; here that is off unless --clip_norm is set.
 """
 import contextlib
@@ -314,7 +315,7 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Hold Ctrl-C (and SIGTERM) until the block is done: a training step is done whole
+    """Hold Ctrl-C (and SIGTERM, SIGHUP) until the block is done: a training step is done whole
     (forward pass, batch-norm statistics, optimiser update, noise drawn) or not at all,
     so the checkpoint saved on Ctrl-C is exactly the state between two steps."""
     if threading.current_thread() is not threading.main_thread():
@@ -489,21 +490,24 @@ def main(argv):
                          "data_rng": data_rng.bit_generator.state}
     except KeyboardInterrupt:
         if "pending" in state:  # steps were done since the last save
-            add_terms(state["sums"], state["pending"], ckpt_path)
-            state["sums"]["seconds"] = state["sums"].get("seconds", 0.0) + time.perf_counter() - t0
-            # stopped during the end-of-epoch evaluation: the epoch is recorded on resuming
-            del history[state["epoch"]:]
+            saved = False
             try:
-                try:
-                    with deferred_interrupt():  # a second Ctrl-C waits for this save
-                        save(state["epoch"], state["step"], state["sums"], epoch_rng_state)
-                except KeyboardInterrupt:
-                    pass  # it came during the save, which is done: we are stopping anyway
-            except (OSError, KeyboardInterrupt) as e:  # e.g. the disk is full
-                kept = (f"{ckpt_path} still holds the previous one" if os.path.exists(ckpt_path)
-                        else "nothing saved yet")
-                print(f"\ninterrupted, and the checkpoint could not be written ({e!r}): {kept}")
-                return 1
+                with deferred_interrupt():  # a second Ctrl-C waits until this is saved
+                    add_terms(state["sums"], state["pending"], ckpt_path)
+                    state["sums"]["seconds"] = (state["sums"].get("seconds", 0.0)
+                                                + time.perf_counter() - t0)
+                    # stopped during the end-of-epoch evaluation: the epoch is recorded on resuming
+                    del history[state["epoch"]:]
+                    save(state["epoch"], state["step"], state["sums"], epoch_rng_state)
+                    saved = True
+            except (OSError, KeyboardInterrupt) as e:
+                # after the save: a second Ctrl-C, held until it was done; before: it failed
+                if not saved:  # e.g. the disk is full
+                    kept = (f"{ckpt_path} still holds the previous one"
+                            if os.path.exists(ckpt_path) else "nothing saved yet")
+                    print(f"\ninterrupted, and the checkpoint could not be written ({e!r}): "
+                          f"{kept}")
+                    return 1
         where = (f"{ckpt_path} holds {progress_text(state['epoch'], state['step'])}; run the "
                  f"same command again to resume" if os.path.exists(ckpt_path) else "nothing saved yet")
         print(f"\ninterrupted: {where}")
@@ -561,8 +565,9 @@ def finalize(net, ds, test_x, noise, history):
 
 
 if __name__ == "__main__":
-    for stop in STOP_SIGNALS[1:]:  # `kill`, a closed terminal: they stop like Ctrl-C
-        signal.signal(stop, signal.default_int_handler)
+    for stop in STOP_SIGNALS[1:]:  # `kill`, a closed terminal: they stop like Ctrl-C,
+        if signal.getsignal(stop) is signal.SIG_DFL:  # unless ignored (nohup ignores SIGHUP)
+            signal.signal(stop, signal.default_int_handler)
     try:
         sys.exit(main(sys.argv[1:]))
     except (ConfigError, checkpoint.CheckpointError, data.DataError, FloatingPointError) as e:

@@ -409,11 +409,41 @@ def test_script_saves_on_sigterm(tmp_path, stop):
     assert meta["epoch"] == 0 and meta["step"] >= 3
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
+def test_script_started_with_sighup_ignored_keeps_running(tmp_path):
+    """`nohup python train.py` ignores SIGHUP: closing the terminal must not stop the run
+    (train.py handles only the stop signals left at their default)."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), "--z_dims=4,2", "--hidden=16,8",
+               "--n_dense=1", "--epochs=1000", "--warmup=0", "--eval_interval=0",
+               "--final_lk_samples=0", "--log_interval=1", f"--out_dir={out}"]
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) as proc:
+        lines = iter(proc.stdout)
+        for line in lines:
+            if "step 3/" in line:
+                break
+        proc.send_signal(signal.SIGHUP)
+        for line in lines:  # still training: more steps come
+            if "step 8/" in line:
+                break
+        assert proc.poll() is None, "the run stopped on SIGHUP although it was ignored"
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "interrupted:" in rest
+
+
 def test_script_says_out_of_memory_without_a_traceback(tmp_path):
     """A model far too large fails at its first allocation: one line, no traceback."""
     command = [sys.executable, str(ROOT / "train.py"), "--z_dims=4,2", "--hidden=100000000,8",
                f"--out_dir={tmp_path / 'run'}"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    resource = pytest.importorskip("resource")  # POSIX
+    # an 8 GiB address-space limit makes the allocation fail on any machine, also where
+    # the kernel would grant it (vm.overcommit_memory = 1) and then run out of memory
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # noqa: E731
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=limit, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     assert done.returncode == 1
     assert done.stderr.startswith("error: out of memory (Unable to allocate") and \
         "try smaller --hidden" in done.stderr and "Traceback" not in done.stderr
@@ -480,6 +510,26 @@ def test_a_second_ctrl_c_during_the_save_on_interrupt_waits_for_it(run, tmp_path
     monkeypatch.setattr(layers.Adam, "step", real_step)
     monkeypatch.setattr(checkpoint, "save", real_save)
     assert read_ckpt(stopped)[1]["step"] == 4
+    assert run(stopped, "--epochs=2") == 0
+    assert_same_checkpoint(straight, stopped)
+
+
+def test_a_second_ctrl_c_while_the_last_steps_are_summed_waits_too(run, tmp_path, monkeypatch,
+                                                                   capsys):
+    """The save on Ctrl-C first adds the pending steps' terms (on a GPU a read-back that
+    waits for it); a second Ctrl-C there waits as well, and nothing is lost."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(straight, "--epochs=2") == 0
+    real_step = layers.Adam.step
+    monkeypatch.setattr(layers.Adam, "step", interrupt_on_call(real_step, 4))
+    importlib.reload(train)  # as run() does, but with add_terms patched after the reload
+    monkeypatch.setattr(train, "finalize", lambda *args: None)
+    # on the CPU add_terms also runs in each step (4 calls, the 4th with the stop held
+    # until the step is done): call 5 is the one on the way out
+    monkeypatch.setattr(train, "add_terms", interrupt_on_call(train.add_terms, 5))
+    assert train.main([*TINY, f"--out_dir={stopped}", "--epochs=2"]) == 1
+    assert "holds epoch 1, after step 4" in capsys.readouterr().out
+    monkeypatch.setattr(layers.Adam, "step", real_step)
     assert run(stopped, "--epochs=2") == 0
     assert_same_checkpoint(straight, stopped)
 
@@ -603,7 +653,8 @@ def test_a_checkpoint_step_beyond_the_epoch_is_corrupt(run, tmp_path):
     with np.load(out / "ckpt.npz", allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     meta = json.loads(str(arrays.pop("meta")))
-    meta.update(step=STEPS_PER_EPOCH + 5, sums={"elbo": 0.0, "log_px": 0.0, "kl": [0.0, 0.0], "n": 0})
+    meta.update(step=STEPS_PER_EPOCH + 5,
+                sums={"elbo": 0.0, "log_px": 0.0, "kl": [0.0, 0.0], "n": 0})
     np.savez(out / "ckpt.npz", meta=np.array(json.dumps(meta)), **arrays)
     with pytest.raises(checkpoint.CheckpointError, match=f"corrupt: it stopped after step "
                                                          f"{STEPS_PER_EPOCH + 5} of an epoch of "
@@ -1010,8 +1061,9 @@ def test_evaluate_main_on_a_tiny_checkpoint(run, tmp_path, capsys):
 
 def test_evaluate_recomputes_statistics_over_the_training_set(run, tmp_path, capsys):
     """evaluate.py's number, rebuilt by hand: batch-norm statistics over the training
-    images (batches of 1000 drawn with --seed + 1, apart from the noise's stream), then L_K of the test images, one bound per
-    image; its mean and standard error are what evaluate.py reports."""
+    images (batches of 1000 drawn with --seed + 1, apart from the noise's stream), then L_K
+    of the test images, one bound per image; its mean and standard error are what
+    evaluate.py reports."""
     out = tmp_path / "run"
     assert run(out, "--epochs=1", "--eval_interval=0", "--eval_lk_samples=0") == 0
     result = evaluate.main([str(out / "ckpt.npz"), "--samples=6", "--images=40", "--seed=3"])
@@ -1034,7 +1086,8 @@ def test_data_root_is_stored_absolute_and_evaluate_can_override_it(run, tmp_path
     assert run(tmp_path / "run", "--epochs=1", "--data_root=my/data") == 0
     assert read_ckpt(tmp_path / "run")[1]["config"]["data_root"] == str(tmp_path / "my" / "data")
     roots = []
-    monkeypatch.setattr(data, "load_dataset", lambda name, root=None: roots.append(root) or fake_data)
+    monkeypatch.setattr(data, "load_dataset",
+                        lambda name, root=None: roots.append(root) or fake_data)
     ckpt = str(tmp_path / "run" / "ckpt.npz")
     for extra in ([], ["--data_root=elsewhere"], ["--data_root="]):
         evaluate.main([ckpt, "--samples=2", "--images=4", "--no_bn_recompute", *extra])
