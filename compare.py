@@ -114,7 +114,8 @@ def main(argv):
     parser.add_argument("--out", default="compare.png", help="the PNG to write")
     args = parser.parse_args(argv)
     check_out(args.out)
-    repeated = sorted({f for f in args.runs if args.runs.count(f) > 1})
+    resolved = [Path(f).resolve() for f in args.runs]  # run and run/ are one folder
+    repeated = sorted({f for f, r in zip(args.runs, resolved) if resolved.count(r) > 1})
     if repeated:
         raise RunError(f"run folder given more than once: {', '.join(repeated)}")
 

@@ -466,6 +466,7 @@ def evaluation(model):
 
 def _evaluate(model, x, noise, samples=1, kl="analytic"):
     """Inference on x in evaluation mode: (log_px, LayerResults)."""
+    x = x.data if isinstance(x, Tensor) else x
     with evaluation(model):
         xb = get_array_module(model.output.weight.data).asarray(x)
         return model(xb, noise, samples=samples, kl=kl)
@@ -507,7 +508,7 @@ def active_units(model, x, noise, threshold=0.01, samples=10):
     E_q[z_u | x] is estimated by the mean m_x of K = ``samples`` draws of mu_q,u, so the
     plain variance of m_x over the rows adds the sampling noise E_x[Var(mu_q,u | x)] / K
     to A_u. That floor is subtracted, with the within-x variance s_x^2 estimated from the
-    K draws (ddof=1):   A_u ~ Var_x(m_x) - mean_x(s_x^2) / K,
+    K draws:   A_u ~ Var_x(m_x) - mean_x(s_x^2) / K   (both variances with ddof=1),
     an unbiased estimate that can come out slightly below 0 for a dead unit. Without the
     correction, K = 10 counted collapsed units of the LVAE's lower layers as active.
 
@@ -525,18 +526,20 @@ def active_units(model, x, noise, threshold=0.01, samples=10):
     if samples < 2:
         raise ValueError(f"active_units needs samples >= 2 to estimate the sampling noise it "
                          f"subtracts, got samples={samples}")
+    if len(x) < 2:
+        raise ValueError(f"active_units needs 2 images or more (A_u is a variance over x), "
+                         f"got {len(x)}")
     activity = []
     for mu in posterior_mean_draws(model, x, noise, samples):
         sampling_noise = mu.var(axis=0, ddof=1).mean(axis=0) / samples
-        activity.append(mu.mean(axis=0).var(axis=0) - sampling_noise)
+        activity.append(mu.mean(axis=0).var(axis=0, ddof=1) - sampling_noise)
     return activity, [int((a > threshold).sum()) for a in activity]
 
 
 def sample_prior(model, n, noise):
     """n images drawn from the model: z_L ~ N(0, I), then z_i ~ p(z_i|z_i+1), then
     the Bernoulli means sigmoid(logits). Returns a NumPy array (n, x_dim)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"sample_prior: n is the number of images, a positive int, got {n!r}")
+    n = _check_int("sample_prior: n, the number of images,", n)
     with evaluation(model):
         like = model.output.weight.data
         top = model.n_layers - 1

@@ -444,7 +444,8 @@ def test_item_of_any_one_element_tensor(xp):
     loss = x.sum(axis=1)  # shape (1,)
     loss.backward()
     assert loss.item() == 3.0 and isinstance(loss.item(), float)
-    with pytest.raises(ValueError, match=r"item\(\) needs a tensor with one element, got shape \(1, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"item\(\) needs a tensor with one element, got shape \(1, 3\)"):
         x.item()
 
 

@@ -152,5 +152,6 @@ def test_a_bad_out_is_refused_before_any_work(tmp_path, capsys, out, message):
 
 def test_a_run_given_twice_is_refused(tmp_path):
     run = make_run(tmp_path / "run", final(-90))
-    with pytest.raises(compare.RunError, match="given more than once"):
-        compare.main([run, run, "--out", str(tmp_path / "x.png")])
+    for again in (run, run + "/", str(Path(run) / ".." / "run")):
+        with pytest.raises(compare.RunError, match="given more than once"):
+            compare.main([run, again, "--out", str(tmp_path / "x.png")])

@@ -906,3 +906,16 @@ def test_grade_a_folder_of_renamed_downloads(tmp_path, capsys):
     for name in ("01_softplus", "02_merge", "03_gaussian_kl"):
         assert f"{tmp_path / name}.ipynb: MISSING" not in out, out
     assert "not one of the exercises" not in out, out
+
+
+def test_ungraded_code_ignores_an_older_set_up_cell(tmp_path):
+    """A notebook from an earlier handout has another set-up cell (the one that imports
+    checks): that is no student code; a helper in a new cell is."""
+    import nbformat
+    nb = nbformat.read(os.path.join(EXERCISES, "02_merge.ipynb"), as_version=4)
+    setup = next(c for c in nb.cells if c.cell_type == "code" and "import checks" in c.source)
+    setup.source = setup.source.replace("else:\n", "else:  # an edit of an older version\n")
+    nb.cells.append(nbformat.v4.new_code_cell("def helper(x):\n    return x"))
+    nbformat.write(nb, str(tmp_path / "02_merge.ipynb"))
+    notes = grade.ungraded_code(str(tmp_path / "02_merge.ipynb"), "02_merge")
+    assert len(notes) == 1 and "`def helper(x):`" in notes[0], notes

@@ -827,9 +827,18 @@ def test_active_units_estimate_agrees_with_many_samples():
     assert naive_error.max() > 0.003
 
 
-def test_active_units_needs_two_samples():
+def test_active_units_needs_two_samples_and_two_images():
     with pytest.raises(ValueError, match="samples >= 2"):
         lvae.active_units(tiny_model("lvae"), binary_batch(5), lvae.Noise(0), samples=1)
+    with pytest.raises(ValueError, match="2 images or more"):
+        lvae.active_units(tiny_model("lvae"), binary_batch(1), lvae.Noise(0))
+
+
+def test_analysis_helpers_take_a_tensor_of_images():
+    model, x = tiny_model("lvae"), binary_batch(6)
+    for helper in (lvae.kl_per_unit, lvae.active_units, lvae.posterior_means, lvae.reconstruct):
+        a, b = helper(model, autograd.Tensor(x), lvae.Noise(0)), helper(model, x, lvae.Noise(0))
+        np.testing.assert_equal(a, b, err_msg=helper.__name__)
 
 
 def test_noise_must_be_a_noise_stream():
@@ -844,10 +853,10 @@ def test_log_likelihood_bound_takes_a_tensor_of_images():
         lvae.log_likelihood_bound(model, x, 3, lvae.Noise(0)))
 
 
-@pytest.mark.parametrize("n", [0, -1, 2.5, True])
-def test_sample_prior_needs_a_positive_count(n):
-    with pytest.raises(ValueError, match=f"sample_prior: n is the number of images, a positive "
-                                         f"int, got {n!r}"):
+@pytest.mark.parametrize("n, error", [(0, ValueError), (-1, ValueError), (2.5, TypeError),
+                                      (True, TypeError)])
+def test_sample_prior_needs_a_positive_count(n, error):
+    with pytest.raises(error, match="sample_prior: n, the number of images, must be"):
         lvae.sample_prior(tiny_model("lvae"), n, lvae.Noise(0))
 
 

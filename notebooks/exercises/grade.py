@@ -163,13 +163,15 @@ def student_source(path):
 def ungraded_code(path, name):
     """The student's code cells that grading drops: outside the exercise cell, not empty
     and not in the handout (a helper in a new cell, an edited check cell), as
-    'cell 9: `def helper(x):`' (cells counted from 1, as Jupyter shows them)."""
+    'cell 9: `def helper(x):`' (cells counted from 1, as Jupyter shows them). The set-up
+    cell (the one that imports checks) is left out: an older handout's differs."""
     handout = {cell.source.strip() for cell in read(os.path.join(HERE, name + ".ipynb")).cells
                if cell.cell_type == "code"}
     notes = []
     for i, cell in enumerate(read(path).cells):
         code = cell.source.strip()
         if (cell.cell_type == "code" and code and code not in handout
+                and "\nimport checks" not in code
                 and "exercise" not in cell.get("metadata", {}).get("tags", [])):
             notes.append(f"cell {i + 1}: `{code.splitlines()[0]}`")
     return notes
