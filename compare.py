@@ -68,7 +68,7 @@ def read_run(folder):
         for key, kind in FINAL_TYPES.items():
             value = final.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, kind):
-                raise RunError(f"{final_path}: {key} is {final[key]!r}, not a number")
+                raise RunError(f"{final_path}: {key} is {value!r}, not a number")
         last = metrics[-1]["epoch"]
         if final.get("epoch", last) != last:  # files from before train.py wrote it lack it
             raise RunError(f"{final_path} was written at epoch {final['epoch']}, but the run "
