@@ -94,8 +94,12 @@ class GraphStep:
         self.steps_done, self.graph = 0, None
         self.record = record and xp is not np
         if self.record:
-            # a blocking stream: work that CuPy puts on the default stream (the random
-            # numbers of refill(), say) stays ordered with the graph's launches
+            # A blocking stream: CuPy's default (legacy) stream waits for it and it for
+            # the default stream, so work outside step() (initialisation, evaluation, a
+            # test reading the weights) stays ordered with the replays without events.
+            # The catch: nothing may be put on the default stream while it records
+            # (cudaErrorStreamCaptureImplicit); body() runs entirely inside `with
+            # self.stream`, and CuPy points cuBLAS and cuRAND at the current stream.
             self.stream = cupy.cuda.Stream()
             self.pool = cupy.cuda.MemoryPool()
 
@@ -149,7 +153,14 @@ class GraphStep:
         self.steps_done += 1
 
     def _record(self):
-        """The body recorded as a CUDA graph on ``self.stream``, not run."""
+        """The body recorded as a CUDA graph on ``self.stream``, not run.
+
+        CuPy records in relaxed mode (``begin_capture``'s default), in which a pool that
+        grows (cudaMalloc) during the recording is allowed. cuBLAS (CUDA 12.2 and later)
+        takes its workspace with stream-ordered cudaMallocAsync, which the recording
+        captures like any other work, so no workspace has to be set beforehand (why
+        PyTorch stopped setting one from CUDA 12.2, pytorch#113994). Both read from
+        documentation and source, not yet tried on a GPU."""
         self.stream.begin_capture()
         try:
             self.body()
