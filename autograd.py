@@ -302,8 +302,10 @@ def _topological_order(root):
 
 
 def tensor(data, requires_grad=False, dtype=None):
-    """Make a Tensor from an array, list or number. A floating-point array keeps its dtype;
-    lists, numbers and integer arrays become float32; ``dtype`` overrides both."""
+    """Make a Tensor from an array, list or number. Floating-point data keeps NumPy's dtype
+    for it: a float32 array stays float32, but a Python float or a list of floats is
+    float64 (pass ``dtype=np.float32`` to feed it to a float32 model, or the results are
+    promoted to float64). Integers and booleans become float32 (DEFAULT_DTYPE)."""
     if isinstance(data, Tensor):
         data = data.data
     xp = get_array_module(data)

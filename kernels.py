@@ -207,7 +207,8 @@ def adam_update(p, grad, m, v, scale, b1, b2, step_size, eps_hat):
     with g = scale * grad; the eleven array operations of the plain code in one pass.
 
     1 - b1 and 1 - b2 are computed here, in double, as the plain code does: in float32
-    inside the kernel, 1 - 0.999 would be 1 - 0.99900001 = 0.00099998713, 1.3e-5 off."""
+    inside the kernel, 1 - 0.999 would be 1 - 0.99900001 = 0.00099998713, 1.3e-5 off
+    relative to 0.001."""
     kernel = _elementwise("lvae_adam_update", "T grad, T scale, T b1, T one_minus_b1, T b2, "
                           "T one_minus_b2, T step_size, T eps_hat", "T p, T m, T v", ADAM_BODY)
     if grad.dtype != p.dtype:  # float64 data through a float32 layer: cast, as NumPy's p -= g

@@ -158,7 +158,7 @@ def validate_config(config):
     if os.path.exists(config["out_dir"]) and not os.path.isdir(config["out_dir"]):
         raise ConfigError(f"--out_dir={config['out_dir']} is a file, not a folder")
     if config["warmup"] >= config["epochs"]:  # beta of the last epoch: (epochs - 1) / warmup
-        print(f"note: --warmup={config['warmup']} is longer than --epochs={config['epochs']}: "
+        print(f"note: --warmup={config['warmup']} is not shorter than --epochs={config['epochs']}: "
               f"beta only reaches {(config['epochs'] - 1) / config['warmup']:.2f}")
 
 

@@ -714,7 +714,7 @@ def test_a_fine_tuning_run_resumes_without_repeating_init_from(run, tmp_path, ca
 
 def test_warm_up_as_long_as_the_run_is_noted(run, tmp_path, capsys):
     assert run(tmp_path / "run", "--epochs=2", "--warmup=2") == 0
-    assert "note: --warmup=2 is longer than --epochs=2: beta only reaches 0.50" in \
+    assert "note: --warmup=2 is not shorter than --epochs=2: beta only reaches 0.50" in \
         capsys.readouterr().out
 
 
