@@ -45,17 +45,20 @@ def check_numpy_version(version):
 
 check_numpy_version(np.__version__)
 
-# CuPy 13.2 and older fail under NumPy 2: 13.0 and 13.1 do not import, and 13.2's
-# RandomState.seed refuses every int (cupy issue 8392, fixed in 13.3), which lvae.Noise calls.
-MIN_CUPY_VERSION = (13, 3)
+# CuPy 14 is the first release with NumPy 2's promotion rules (NEP 50; cupy pull 8323).
+# CuPy 13 keeps NumPy 1's value-based rules: a float32 array divided by a Python int of
+# 65536 or more comes out float64 (cupy issue 7630), as under NumPy 1, which is refused
+# above for the same reason. (Older still: 13.2's RandomState.seed refuses every int
+# under NumPy 2, cupy issue 8392, and 13.0 and 13.1 do not import with it.)
+MIN_CUPY_VERSION = (14, 0)
 
 
 def cupy_version_problem(version):
     """Why CuPy ``version`` cannot be used here (a sentence), or None if it can."""
     major_minor = re.match(r"(\d+)\.(\d+)", version)  # "14.0.0rc1" -> 14, 0
     if major_minor and tuple(map(int, major_minor.groups())) < MIN_CUPY_VERSION:
-        return (f"CuPy {version} is too old: CuPy 13.3 or newer is needed with NumPy 2 "
-                f"(pip install -U cupy-cuda12x)")
+        return (f"CuPy {version} is too old: CuPy 14.0 or newer is needed, the first with "
+                f"NumPy 2's dtype promotion (pip install -U cupy-cuda12x)")
     return None
 
 
@@ -66,7 +69,7 @@ try:  # CuPy is optional: importing it works without a driver, so also ask for a
         _CUDA_PROBLEM = "CuPy finds no working CUDA device (check `nvidia-smi`)"
 except ModuleNotFoundError:
     cupy = None
-    _CUDA_PROBLEM = "CuPy is not installed (pip install \"cupy-cuda12x>=13.3\")"
+    _CUDA_PROBLEM = "CuPy is not installed (pip install \"cupy-cuda12x>=14\")"
 except Exception as error:  # a broken CUDA or CuPy install: say what it was, use NumPy only
     cupy = None
     _CUDA_PROBLEM = f"CuPy is installed but failed to import ({type(error).__name__}: {error})"
@@ -79,7 +82,7 @@ DEFAULT_DTYPE = np.float32
 # Backend: numpy or cupy, picked from the data
 # ----------------------------------------------------------------------------------
 def cuda_available():
-    """True when CuPy (13.3 or newer) is installed and a CUDA device can be used;
+    """True when CuPy (14.0 or newer) is installed and a CUDA device can be used;
     ``cuda_problem()`` says why not."""
     return _CUDA_AVAILABLE
 

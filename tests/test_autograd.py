@@ -457,17 +457,18 @@ def test_cuda_without_cuda_is_a_clear_error():
         autograd.to_device(np.ones(3), "cuda")
 
 
-def test_cupy_too_old_for_numpy_2_is_named(monkeypatch):
-    """CuPy 13.2's RandomState.seed refuses every int under NumPy 2 (fixed in 13.3), so an
-    older CuPy makes 'cuda' unavailable, and asking for it says which version was found."""
-    for old in ("12.3.0", "13.2.0", "13.2.0rc1"):
+def test_cupy_older_than_14_is_named(monkeypatch):
+    """CuPy 13 promotes as NumPy 1 did (a float32 array / 65536 is float64), and 13.2 and
+    older fail under NumPy 2, so an older CuPy makes 'cuda' unavailable, and asking for it
+    says which version was found."""
+    for old in ("12.3.0", "13.2.0", "13.3.0", "13.6.0", "13.6.0rc1"):
         assert f"CuPy {old} is too old" in autograd.cupy_version_problem(old)
-    for new in ("13.3.0", "13.6.0", "14.0.0rc1", "14.2.0"):
+    for new in ("14.0.0", "14.0.0rc1", "14.2.0", "15.0.0"):
         assert autograd.cupy_version_problem(new) is None
     monkeypatch.setattr(autograd, "_CUDA_AVAILABLE", False)
-    monkeypatch.setattr(autograd, "_CUDA_PROBLEM", autograd.cupy_version_problem("13.2.0"))
-    with pytest.raises(RuntimeError, match=r"CUDA is not available here: CuPy 13.2.0 is too "
-                                           r"old: CuPy 13.3 or newer.*device='cpu'"):
+    monkeypatch.setattr(autograd, "_CUDA_PROBLEM", autograd.cupy_version_problem("13.6.0"))
+    with pytest.raises(RuntimeError, match=r"CUDA is not available here: CuPy 13.6.0 is too "
+                                           r"old: CuPy 14.0 or newer.*device='cpu'"):
         autograd.check_device("cuda")
 
 
