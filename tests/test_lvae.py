@@ -827,6 +827,18 @@ def test_active_units_estimate_agrees_with_many_samples():
     assert naive_error.max() > 0.003
 
 
+def test_active_units_is_its_unbiased_formula():
+    """Activity = Var_x(mean of the K draws) - mean_x(Var of the K draws) / K, both variances
+    with ddof=1 (so that the subtraction is unbiased). The statistical tests above cannot
+    tell ddof=0 from ddof=1; this one compares with the formula on the same draws."""
+    model, x, k = tiny_model("lvae"), binary_batch(30), 10
+    draws = lvae.posterior_mean_draws(model, x, lvae.Noise(0), samples=k)  # (K, images, units)
+    activity, _ = lvae.active_units(model, x, lvae.Noise(0), samples=k)
+    for i, (a, mu) in enumerate(zip(activity, draws)):
+        expected = mu.mean(axis=0).var(axis=0, ddof=1) - mu.var(axis=0, ddof=1).mean(axis=0) / k
+        np.testing.assert_allclose(a, expected, rtol=1e-12, atol=1e-15, err_msg=f"layer z{i + 1}")
+
+
 def test_active_units_needs_two_samples_and_two_images():
     with pytest.raises(ValueError, match="samples >= 2"):
         lvae.active_units(tiny_model("lvae"), binary_batch(5), lvae.Noise(0), samples=1)

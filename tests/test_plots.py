@@ -116,6 +116,23 @@ def test_kl_per_unit_with_activity(tmp_path):
     assert_png(plots.kl_per_unit(kl, tmp_path / "units_plain.png"))
 
 
+def test_kl_per_unit_shows_sorted_kls_and_active_counts(tmp_path, monkeypatch):
+    """What the figure holds, not only that a PNG was written: each layer's KLs in
+    decreasing order, and "active/total" per layer on the right-hand axis."""
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    kl = [np.array([0.1, 0.7, 0.3]), np.array([0.2, 0.5])]
+    activity = [np.array([0.5, 0.0, 0.02]), np.array([0.001, 0.3])]
+    plots.kl_per_unit(kl, tmp_path / "units.png", activity=activity)
+    ax = figures[0].axes[0]
+    grid = ax.get_images()[0].get_array()
+    np.testing.assert_array_equal(grid[0], [0.7, 0.3, 0.1])
+    np.testing.assert_array_equal(grid[1, :2], [0.5, 0.2])
+    assert grid.mask[1, 2], "the shorter layer is padded with a masked cell"
+    right = ax.child_axes[0]  # the secondary y axis
+    assert [t.get_text() for t in right.get_yticklabels()] == ["2/3", "1/2"]
+
+
 def test_kl_per_unit_padding_is_not_uninitialised_memory(tmp_path):
     """Short layers are padded with masked cells; matplotlib's colormap still multiplies
     the values under the mask. Made with np.ma.masked_all they were whatever memory the

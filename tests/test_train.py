@@ -194,6 +194,37 @@ def test_full_run_writes_checkpoint_metrics_final_and_plots(run, tmp_path, capsy
     assert len(meta["history"]) == 2
 
 
+def test_final_evaluation_recomputes_batch_norm_and_counts_informative_units_from_the_kl(
+        run, tmp_path, monkeypatch):
+    """finalize() recomputes the batch-norm statistics unless --bn_recompute=false, and its
+    informative_units counts units whose KL (not whose activity) is above 0.01 nats."""
+    calls, real = [], layers.recompute_batchnorm_statistics
+    monkeypatch.setattr(layers, "recompute_batchnorm_statistics",
+                        lambda *args: (calls.append(1), real(*args))[1])
+    kl = [np.array([0.5, 0.0, 0.02, 0.005]), np.array([1.0, 0.0])]  # 2 and 1 above 0.01
+    monkeypatch.setattr(lvae, "kl_per_unit", lambda *args: kl)
+    monkeypatch.setattr(lvae, "active_units", lambda *args: ([np.zeros(4), np.zeros(2)], [0, 0]))
+    assert run(tmp_path / "a", "--epochs=1", "--final_lk_samples=0", final=True) == 0
+    assert calls == [1]
+    assert json.loads((tmp_path / "a" / "final.json").read_text())["informative_units"] == [2, 1]
+    calls.clear()
+    assert run(tmp_path / "b", "--epochs=1", "--final_lk_samples=0", "--bn_recompute=false",
+               final=True) == 0
+    assert calls == []
+
+
+def test_eval_lk_images_sets_the_images_of_the_periodic_bound(run, tmp_path):
+    assert run(tmp_path / "run", "--epochs=1", "--eval_lk_images=10") == 0
+    assert read_metrics(tmp_path / "run")[0]["lk_images"] == 10
+
+
+def test_beta_rises_over_the_warm_up_and_then_stays_at_1(monkeypatch):
+    monkeypatch.setattr(train, "warmup", 3)
+    assert [train.beta_for(e) for e in (0, 1, 3, 4, 10)] == [0.0, pytest.approx(1 / 3), 1, 1, 1]
+    monkeypatch.setattr(train, "warmup", 0)
+    assert train.beta_for(0) == 1.0
+
+
 def test_vae_with_iw_objective_and_no_batch_norm(run, tmp_path):
     out = tmp_path / "vae"
     assert run(out, "--model=vae", "--iw_samples=3", "--warmup=0", "--batch_norm=false", "--epochs=1") == 0
