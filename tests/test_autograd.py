@@ -700,3 +700,40 @@ def test_numbers_take_the_tensor_dtype(number):
         y.backward()
         assert x.grad.dtype == dtype
         np.testing.assert_allclose(x.grad, [float(number) - 1 / float(number)] * 2, rtol=1e-6)
+
+
+def test_check_gradients_checks_every_input():
+    """A wrong gradient for the *second* input is caught: every input is compared, not
+    only the first."""
+    def bad_mul(a, b):  # d(ab)/db = a; this backward says 2a
+        return record(a.data * b.data, (a, b), lambda g: (g * b.data, g * 2 * a.data))
+    with pytest.raises(AssertionError, match="gradient of input 1 is wrong"):
+        check_gradients(bad_mul, sample((3,)), sample((3,), seed=2))
+
+
+def test_check_gradients_catches_a_missing_gradient():
+    """A backward that returns None for an input the output depends on is a wrong
+    gradient (0 against the finite differences), not a pass."""
+    def forgets_b(a, b):
+        return record(a.data * b.data, (a, b), lambda g: (g * b.data, None))
+    with pytest.raises(AssertionError, match="gradient of input 1 is wrong"):
+        check_gradients(forgets_b, sample((3,)), sample((3,), seed=2))
+
+
+def test_check_gradients_weights_the_outputs_unevenly():
+    """The outputs are weighted by a random w, so that a backward that puts g's entries in
+    the wrong places is caught: reversing x with a backward that does not reverse g is
+    right for g = 1 everywhere, and wrong for any other g."""
+    def reverse_without_reversing_g(x):
+        return record(x.data[::-1].copy(), (x,), lambda g: (g,))  # should be g[::-1]
+    with pytest.raises(AssertionError, match="gradient of input 0 is wrong"):
+        check_gradients(reverse_without_reversing_g, sample((4,)))
+
+
+def test_check_gradients_catches_a_gradient_half_a_percent_off():
+    """The default tolerance is tight enough to catch a backward 0.5 % off (finite
+    differences in float64 agree to ~1e-8)."""
+    def square_slightly_off(x):
+        return record(x.data ** 2, (x,), lambda g: (g * 2.01 * x.data,))
+    with pytest.raises(AssertionError, match="gradient of input 0 is wrong"):
+        check_gradients(square_slightly_off, sample((3,), "positive"))

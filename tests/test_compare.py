@@ -1,6 +1,7 @@
 """Tests of compare.py (reading run folders, naming the variants, refusing bounds that
 cannot be compared) and of plots.compare_runs, on run folders made of tiny checkpoints."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -155,3 +156,38 @@ def test_a_run_given_twice_is_refused(tmp_path):
     for again in (run, run + "/", str(Path(run) / ".." / "run")):
         with pytest.raises(compare.RunError, match="given more than once"):
             compare.main([run, again, "--out", str(tmp_path / "x.png")])
+
+
+def test_the_table_shows_each_runs_active_units(tmp_path, capsys):
+    """The active units column holds final.json's counts per layer."""
+    run_dir = make_run(tmp_path / "lvae", final(-90.1), warmup=3)
+    assert compare.main([run_dir, "--out", str(tmp_path / "c.png")]) == 0
+    assert (f"| LVAE+BN+WU, 2 stochastic layers | 12 | -95.10 | L_1000 = -90.10 (2000 images) "
+            f"| [4, 2] | {run_dir} |") in capsys.readouterr().out
+
+
+def test_a_run_without_metrics_is_named(tmp_path):
+    """A folder with ckpt.npz but no metrics.jsonl is not a training run: a RunError
+    naming the file, not a FileNotFoundError."""
+    run_dir = make_run(tmp_path / "run", final(-90))
+    os.remove(os.path.join(run_dir, "metrics.jsonl"))
+    with pytest.raises(compare.RunError, match="has no metrics.jsonl"):
+        compare.read_run(run_dir)
+
+
+@pytest.mark.parametrize("record", ['{"epoch": "1"}', '{"epoch": 1.5}', '{"train_elbo": -100}'])
+def test_a_metrics_record_needs_an_integer_epoch(tmp_path, record):
+    run_dir = make_run(tmp_path / "run")
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.write(record + "\n")
+    with pytest.raises(compare.RunError, match="line 1: not an epoch's record"):
+        compare.read_run(run_dir)
+
+
+@pytest.mark.parametrize("key, value", [("test_elbo", True), ("lk_samples", 1000.5),
+                                        ("epoch", 12.0)])
+def test_final_json_numbers_have_their_types(tmp_path, key, value):
+    """A bool is not a number, and K, the image count and the epoch are whole numbers."""
+    run_dir = make_run(tmp_path / "run", {**final(-90), "epoch": 12, key: value})
+    with pytest.raises(compare.RunError, match=f"final.json: {key} is"):
+        compare.read_run(run_dir)

@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import re
 import shutil
 import struct
 import sys
@@ -355,3 +356,48 @@ def test_minibatches_binarise_afresh_each_epoch():
     e2 = np.concatenate(list(data.iterate_minibatches(x, 16, rng, shuffle=False)))
     assert e1.dtype == np.float32 and set(np.unique(e1)) <= {0.0, 1.0}
     assert e1.shape == x.shape and not np.array_equal(e1, e2)
+
+
+@pytest.mark.parametrize("name, loader", [("mnist", data.load_mnist),
+                                          ("fashion_mnist", data.load_fashion_mnist),
+                                          ("omniglot", data.load_omniglot)])
+def test_split_sizes_are_those_each_loader_documents(name, loader):
+    """The sizes a loader checks are the ones its docstring promises (the published
+    splits; OMNIGLOT's are those of the IWAE/LVAE papers' chardata.mat)."""
+    m = re.search(r"\((\d+) train / (\d+) test", loader.__doc__)
+    assert data.SPLIT_SIZES[name] == (int(m[1]), int(m[2]))
+
+
+def _omniglot_mat(tmp_path, train):
+    scipy_io = pytest.importorskip("scipy.io")
+    scipy_io.savemat(tmp_path / "chardata.mat",
+                     {"data": train, "testdata": np.random.default_rng(1).random((784, 1))})
+
+
+def test_omniglot_values_outside_0_1_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.SPLIT_SIZES, "omniglot", (2, 1))
+    train = np.random.default_rng(0).random((784, 2))
+    train[5, 1] = 255.0  # grey levels not divided by 255
+    _omniglot_mat(tmp_path, train)
+    with pytest.raises(DataError, match=r"'data' has values outside \[0, 1\]"):
+        data.load_omniglot(tmp_path)
+
+
+def test_omniglot_with_another_number_of_images_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.SPLIT_SIZES, "omniglot", (3, 1))
+    _omniglot_mat(tmp_path, np.random.default_rng(0).random((784, 2)))
+    with pytest.raises(DataError, match="'data' holds 2 images, expected 3"):
+        data.load_omniglot(tmp_path)
+
+
+def test_fashion_mnist_search_skips_a_folder_missing_a_file(tmp_path, monkeypatch, small_fashion):
+    """The first folder holding *all four* files is used: an incomplete one earlier in the
+    search ($LVAE_DATA) is passed over, not loaded into a 'file not found'."""
+    partial = tmp_path / "env" / "fashion-mnist"
+    write_idx_folder(partial)
+    (partial / (data.TEST_LABELS + ".gz")).unlink()
+    complete = write_idx_folder(tmp_path / "cwd" / "data" / "fashion-mnist", seed=5)
+    monkeypatch.setenv("LVAE_DATA", str(tmp_path / "env"))
+    monkeypatch.chdir(tmp_path / "cwd")
+    ds = data.load_fashion_mnist()
+    np.testing.assert_array_equal(ds.test_y, complete[data.TEST_LABELS])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,3 +125,32 @@ def test_interrupt_reports_the_images_done(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert re.search(r"interrupted after 4/25 images: L_3 = -?[0-9.]+ \+- [0-9.]+ nats on "
                      r"the first 4 test images", err), err
+
+
+def test_defaults_are_l_5000_on_every_test_image(tmp_path, monkeypatch):
+    """Without --samples and --images, evaluate.py reports the paper's number: L_5000 over
+    all 10000 test images (the bound itself is faked: only what is asked for matters)."""
+    ckpt = write_checkpoint(tmp_path / "ckpt.npz")
+    calls = []
+
+    def fake_bound(net, x, samples, noise, batch_size=100):
+        calls.append((len(x), samples))
+        return np.zeros(len(x))
+    monkeypatch.setattr(lvae, "log_likelihood_bound", fake_bound)
+    result = evaluate.main([ckpt, "--no_bn_recompute"])
+    assert result["samples"] == 5000 and result["images"] == 10000
+    assert {k for _, k in calls} == {5000} and sum(n for n, _ in calls) == 10000
+
+
+def test_partial_report_gives_the_mean_and_its_standard_error(capsys):
+    """After Ctrl-C: the mean over the finished images +- std / sqrt(n)."""
+    evaluate.report_partial([np.array([-90.0, -92.0]), np.array([-94.0, -96.0])], 10, 7)
+    # mean -93, std sqrt(5) = 2.236, standard error 2.236 / 2 = 1.118
+    assert ("interrupted after 4/10 images: L_7 = -93.00 +- 1.12 nats on the first 4 test "
+            "images") in capsys.readouterr().err
+
+
+def test_partial_report_before_the_first_batch_says_so(capsys):
+    """Ctrl-C during the first batch: no images are done, and the report says so."""
+    evaluate.report_partial([], 10, 7)
+    assert "interrupted before the first batch of images was done" in capsys.readouterr().err

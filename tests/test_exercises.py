@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -919,3 +920,121 @@ def test_ungraded_code_ignores_an_older_set_up_cell(tmp_path):
     nbformat.write(nb, str(tmp_path / "02_merge.ipynb"))
     notes = grade.ungraded_code(str(tmp_path / "02_merge.ipynb"), "02_merge")
     assert len(notes) == 1 and "`def helper(x):`" in notes[0], notes
+
+
+def test_a_kl_gradient_one_percent_off_is_wrong(capsys):
+    """Gradients must agree with finite differences far better than 1 %: a kl_backward
+    whose gradient for var_p is 1 % too large does not pass."""
+    right = solution("03_gaussian_kl")["kl_backward"]
+
+    def kl_backward(g, mu_q, var_q, mu_p, var_p):
+        d_mu_q, d_var_q, d_mu_p, d_var_p = right(g, mu_q, var_q, mu_p, var_p)
+        return d_mu_q, d_var_q, d_mu_p, 1.01 * d_var_p
+    assert checks.check_kl_backward(kl_backward) is False
+    assert "WRONG GRADIENT: KL backward: for var_p" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("epsilon", [1e-7, 1e-9])
+@pytest.mark.parametrize("guarded", ["both", "var_hat"])
+def test_merge_forward_must_be_exact_at_extreme_variances(capsys, guarded, epsilon):
+    """An epsilon added 'for safety' to a variance is invisible for variances near 1 and
+    far off at the model's smallest variances (1e-8): the check must try those too,
+    for each of the two variances, and compare them relatively (1e-9 is below ATOL)."""
+    def merge_forward(mu_hat, var_hat, mu_p, var_p):
+        var_hat = var_hat + epsilon
+        if guarded == "both":
+            var_p = var_p + epsilon
+        var_q = 1 / (1 / var_hat + 1 / var_p)
+        return (mu_hat / var_hat + mu_p / var_p) * var_q, var_q
+    assert checks.check_merge_forward(merge_forward) is False
+    assert "WRONG: merge forward: " in capsys.readouterr().out
+
+
+def test_top_down_conditioned_on_the_mean_of_the_samples_is_wrong(capsys):
+    """Conditioning the prior on the average of the K samples of the layer above equals
+    the right pass when K = 1: the values must also be checked with K > 1."""
+    def top_down(model, up, sample):
+        n = model.n_layers
+        z, mu_q, var_q, kl = [None] * n, [None] * n, [None] * n, [None] * n
+        mu_q[-1], var_q[-1] = up[-1]
+        z[-1] = sample(mu_q[-1], var_q[-1])
+        kl[-1] = gaussian.gaussian_kl(mu_q[-1], var_q[-1], 0.0, 1.0)
+        for i in range(n - 2, -1, -1):
+            mu_p, var_p = model.prior(i, autograd.mean(z[i + 1], axis=0, keepdims=True))
+            mu_q[i], var_q[i] = gaussian.merge(up[i][0], up[i][1], mu_p, var_p)
+            z[i] = sample(mu_q[i], var_q[i])
+            kl[i] = gaussian.gaussian_kl(mu_q[i], var_q[i], mu_p, var_p)
+        return z, mu_q, var_q, kl
+    assert checks.check_top_down_values(top_down) is False
+    assert "WRONG: top-down pass" in capsys.readouterr().out
+
+
+@pytest.fixture
+def fake_grading(monkeypatch):
+    """grade.grade replaced by canned (headlines, errors) per exercise (all parts pass
+    unless a test says otherwise); returns the dict to edit and the list of calls."""
+    canned = {name: ([f"PASS: part {k}: ok" for k in range(parts)], [])
+              for name, parts in grade.PARTS.items()}
+    calls = []
+
+    def fake(notebook, source=None, timeout=300):
+        name = os.path.splitext(os.path.basename(notebook))[0]
+        calls.append(name)
+        return canned[name]
+    monkeypatch.setattr(grade, "grade", fake)
+    return canned, calls
+
+
+def test_grade_all_passing_exits_0(fake_grading, capsys):
+    assert grade.main([]) == 0, capsys.readouterr().out
+
+
+def test_grade_fails_when_one_part_fails(fake_grading, capsys):
+    """One WRONG part among passing ones: the exit status says not everything passed."""
+    canned, _ = fake_grading
+    canned["02_merge"] = (["PASS: merge forward: ok", "WRONG: merge backward: no"], [])
+    assert grade.main([]) == 1
+    assert "02_merge.ipynb: 1 of 2 parts pass" in capsys.readouterr().out
+
+
+def test_grade_flags_a_wrong_number_of_status_lines(fake_grading, capsys):
+    """A notebook printing three PASS lines for a two-part exercise (the student's code
+    printed one) is flagged and does not pass."""
+    canned, _ = fake_grading
+    canned["01_softplus"] = (["PASS: a", "PASS: b", "PASS: c"], [])
+    assert grade.main([]) == 1
+    assert "the checks printed 3 status lines, not the exercise's 2" in capsys.readouterr().out
+
+
+def test_grade_fails_a_notebook_that_printed_no_status_line(fake_grading, capsys):
+    """No status line at all (the check cell never ran) is not a pass."""
+    canned, _ = fake_grading
+    canned["06_reparameterize"] = ([], [])
+    assert grade.main([]) == 1
+    assert "06_reparameterize.ipynb: 0 of 0 parts pass" in capsys.readouterr().out
+
+
+def test_grade_counts_only_the_check_cells_lines():
+    """A PASS printed by the exercise cell is not a status line; only the check cells'."""
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.v4.new_notebook()
+    exercise = nbformat.v4.new_code_cell("print('PASS: all done')", metadata={"tags": ["exercise"]})
+    check = nbformat.v4.new_code_cell("checks.check_merge(...)", metadata={"tags": ["check"]})
+    exercise.outputs = [nbformat.v4.new_output("stream", name="stdout", text="PASS: all done\n")]
+    check.outputs = [nbformat.v4.new_output("stream", name="stdout",
+                                            text="WRONG: merge forward: x\nPASS: merge backward: y\n")]
+    nb.cells = [exercise, check]
+    headlines, errors = grade.results(nb)
+    assert headlines == ["WRONG: merge forward: x", "PASS: merge backward: y"] and errors == []
+
+
+def test_grade_a_notebook_given_twice_once(fake_grading, tmp_path, capsys):
+    """A notebook named on its own and through its folder is graded once, not flagged as
+    two notebooks for one exercise."""
+    pytest.importorskip("nbformat")
+    _, calls = fake_grading
+    shutil.copy(os.path.join(EXERCISES, "01_softplus.ipynb"), tmp_path / "01_softplus.ipynb")
+    grade.main([str(tmp_path), str(tmp_path / "01_softplus.ipynb")])
+    out = capsys.readouterr().out
+    assert calls == ["01_softplus"], out
+    assert "which one counts?" not in out, out

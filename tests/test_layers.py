@@ -843,3 +843,28 @@ def test_gpu_fused_running_average_matches_plain_code():
             kernels.set_fusion(True)
     np.testing.assert_allclose(states[0][0], states[1][0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(states[0][1], states[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_gaussian_layer_eps_does_not_bias_a_small_variance():
+    """var_eps (default) only keeps log(var) finite: a variance of 1e-5 (a posterior
+    standard deviation of 0.003) comes out within 1 % of 1e-5."""
+    layer = layers.GaussianLayer(3, 2, batch_norm=False,
+                                 rng=np.random.default_rng(0)).astype(np.float64)
+    layer.var_dense.weight.data[...] = 0
+    layer.var_dense.bias.data[...] = np.log(np.expm1(1e-5))  # softplus(bias) = 1e-5
+    _, var = layer(Tensor(np.ones((4, 3))))
+    np.testing.assert_allclose(var.data, 1e-5, rtol=0.01)
+
+
+def test_first_nonfinite_module_names_the_model_itself():
+    """When every sub-module's output is finite but the model's own forward makes an inf,
+    the model itself is named ('' is the model), not None ('every layer was finite')."""
+    class Net(layers.Module):
+        def __init__(self):
+            self.dense = layers.Dense(3, 2, rng=np.random.default_rng(0))
+
+        def forward(self, x):
+            return self.dense(x) + float("inf")  # made by the model's code, no sub-module
+    net = Net()
+    x = Tensor(np.ones((4, 3), np.float32))
+    assert layers.first_nonfinite_module(net, lambda: net(x)) == ""

@@ -13,6 +13,7 @@ error messages; the analysis helpers; the Noise stream.
 import json
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -21,9 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import autograd  # noqa: E402
 import lvae  # noqa: E402
-from autograd import no_grad  # noqa: E402
+from autograd import no_grad, sigmoid_array  # noqa: E402
 from gaussian import gaussian_kl, log_normal  # noqa: E402
 from conftest import requires_cuda  # noqa: E402
+from test_device_mixing import StandInGpuArray  # noqa: E402
 
 X_DIM = 8
 TINY = dict(x_dim=X_DIM, z_dims=(3, 2), hidden=(5, 4), n_dense=2)
@@ -915,3 +917,66 @@ def test_noise_state_is_a_copy():
     first = noise.normal((3,), like)
     noise.set_state(state)
     np.testing.assert_array_equal(noise.normal((3,), like), first)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_each_prior_is_conditioned_on_the_sample_of_the_layer_above(kind):
+    """mu_p,i and var_p,i that the forward pass stores are p(z_i | z_i+1) at the *sample*
+    z_i+1 (not at its mean mu_q,i+1), in both models."""
+    model = tiny_model(kind, z_dims=(3, 2, 2), hidden=(5, 4, 4)).eval()
+    x = binary_batch(6)
+    with no_grad():
+        _, out = model(x, lvae.Noise(3), samples=4)
+        for i in range(model.n_layers - 1):
+            mu_p, var_p = model.prior(i, out.z[i + 1])
+            np.testing.assert_allclose(out.mu_p[i].data, mu_p.data, rtol=1e-12,
+                                       err_msg=f"mu_p of z{i + 1}")
+            np.testing.assert_allclose(out.var_p[i].data, var_p.data, rtol=1e-12,
+                                       err_msg=f"var_p of z{i + 1}")
+
+
+def test_reconstruct_is_the_bernoulli_mean_of_a_posterior_sample():
+    """reconstruct = sigmoid(decode(z_1)) for one posterior sample z ~ q(z | x), the same
+    draw as a forward pass with the same noise (not 1 - p, not the logits)."""
+    model, x = tiny_model("lvae").eval(), binary_batch(6)
+    recon = lvae.reconstruct(model, x, lvae.Noise(5))
+    with no_grad():
+        _, out = model(x, lvae.Noise(5))
+        expected = sigmoid_array(model.decode(out.z[0]).data)[0]
+    np.testing.assert_allclose(recon, expected, rtol=1e-12, atol=1e-15)
+
+
+class FakeGpuGenerator:
+    """What lvae.gpu_generator returns, on the CPU: seed() then standard_normal()."""
+
+    def __init__(self):
+        self.rng = None
+
+    def seed(self, value):
+        self.rng = np.random.default_rng(value)
+
+    def standard_normal(self, shape, dtype):
+        return self.rng.standard_normal(shape).astype(dtype)
+
+
+def test_gpu_noise_is_determined_by_the_host_state(monkeypatch):
+    """On a GPU the draws come from a device generator reseeded from the host one: after
+    set_state the draws replay (locate_nonfinite, resuming), and after new_step two
+    streams with the same host state draw the same, whatever each drew before."""
+    stand_in = types.ModuleType("cupy_stand_in")
+    stand_in.ndarray = StandInGpuArray
+    monkeypatch.setattr(autograd, "cupy", stand_in)
+    monkeypatch.setattr(lvae, "gpu_generator", FakeGpuGenerator)
+    like = np.zeros(1, np.float32).view(StandInGpuArray)
+    noise = lvae.Noise(0)
+    noise.new_step()
+    state = noise.get_state()
+    first = noise.normal((3, 2), like)
+    noise.normal((5,), like)
+    noise.set_state(state)
+    np.testing.assert_array_equal(noise.normal((3, 2), like), first)
+    other = lvae.Noise(1)
+    other.set_state(noise.get_state())
+    noise.new_step()
+    other.new_step()
+    np.testing.assert_array_equal(noise.normal((4,), like), other.normal((4,), like))

@@ -1155,3 +1155,132 @@ def test_epoch_on_device_gives_the_same_batches_and_generator_state(device):
             autograd.to_device(e, device)), f"batches should live on {device}"
         np.testing.assert_array_equal(autograd.to_numpy(g), e)
     assert rng_a.bit_generator.state == rng_b.bit_generator.state
+
+
+def test_cosine_decay_over_a_single_epoch_trains_at_lr(run, tmp_path):
+    """--decay_lr with --epochs=1: the one epoch is the first, at --lr (no division by
+    epochs - 1 = 0)."""
+    assert run(tmp_path / "one", "--epochs=1", "--decay_lr=true", "--lr=1e-2",
+               "--min_lr=1e-3") == 0
+    assert [r["lr"] for r in read_metrics(tmp_path / "one")] == [1e-2]
+
+
+def test_running_a_finished_run_again_keeps_its_final_json(run, tmp_path, monkeypatch, capsys):
+    """With nothing left to train, final.json still describes these weights: it is not
+    removed, so a final evaluation interrupted on the rerun leaves it in place."""
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1", "--final_lk_samples=0", final=True) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(lvae, "kl_per_unit", interrupt_on_call(lvae.kl_per_unit, 1, how="raise"))
+    assert run(out, "--epochs=1", "--final_lk_samples=0", final=True) == 1
+    assert "removed" not in capsys.readouterr().out
+    assert json.loads((out / "final.json").read_text())["epoch"] == 1
+
+
+def test_an_interrupt_raised_inside_the_end_of_epoch_save_then_resume_is_identical(
+        run, tmp_path, monkeypatch):
+    """A KeyboardInterrupt raised (not signalled, so not held) inside epoch 2's save, after
+    the epoch went into the history: the checkpoint written on the way out must not
+    keep epoch 2 in its history, or resuming records epoch 2 twice."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(straight, "--epochs=3") == 0
+    real = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", interrupt_on_call(real, 2, how="raise"))
+    assert run(stopped, "--epochs=3") == 1
+    monkeypatch.setattr(checkpoint, "save", real)
+    assert run(stopped, "--epochs=3") == 0
+    assert [m["epoch"] for m in read_metrics(stopped)] == [1, 2, 3]
+    assert_same_checkpoint(straight, stopped)
+
+
+def test_which_pending_step_made_the_nan_decides_how_it_is_located(tmp_path):
+    """Only the latest pending step can be re-run (locate()); a NaN in an earlier one
+    says how many steps later it was found."""
+    good = {"log_px": -90.0, "elbo": -100.0, "kl": [5.0, 5.0]}
+    bad = {"log_px": float("nan"), "elbo": float("nan"), "kl": [5.0, 5.0]}
+    path = str(tmp_path / "ckpt.npz")
+    latest_bad = [(good, 64, "epoch 1, step 1"), (good, 64, "epoch 1, step 2"),
+                  (bad, 64, "epoch 1, step 3")]
+    with pytest.raises(FloatingPointError, match=r"^epoch 1, step 3: .*; LOCATED\. Stopped"):
+        train.check_finite(latest_bad, path, locate=lambda: "LOCATED")
+
+    def must_not_locate():
+        raise AssertionError("locate() re-runs the latest step, not the one that made the NaN")
+    first_bad = [(bad, 64, "epoch 1, step 1"), (good, 64, "epoch 1, step 2"),
+                 (good, 64, "epoch 1, step 3")]
+    with pytest.raises(FloatingPointError, match=r"^epoch 1, step 1: .*found 2 step\(s\) later"):
+        train.check_finite(first_bad, path, locate=must_not_locate)
+
+
+def test_on_the_cpu_a_nan_is_found_at_the_step_that_made_it(run, tmp_path, monkeypatch):
+    """On the CPU the terms are checked at every step (log_interval only spaces the GPU's
+    read-backs): a NaN at step 2 (log_interval 3) is found at step 2 and located there."""
+    monkeypatch.setattr(lvae, "elbo", _nan_elbo(2, term=1))
+    with pytest.raises(FloatingPointError) as e:
+        run(tmp_path / "run", "--epochs=1")
+    message = str(e.value)
+    assert message.startswith("epoch 1, step 2: the KL term of layer z2 became NaN"), message
+    assert "step(s) later" not in message, message
+
+
+def test_locate_nonfinite_replays_the_step_with_its_own_noise():
+    """The forward pass that looks for the NaN draws exactly the noise of the step that
+    made it (a NaN caused by one draw must reappear)."""
+    importlib.reload(train)
+    net = lvae.build_model("lvae", z_dims=(4, 2), hidden=(16, 8), n_dense=1)
+    x = (np.random.default_rng(0).random((8, 784)) < 0.3).astype(np.float32)
+    noise = lvae.Noise(0)
+    draws, real = [], noise.normal
+    noise.normal = lambda shape, like: draws.append(real(shape, like)) or draws[-1]
+    noise.new_step()
+    state = noise.get_state()
+    train.training_objective(net, x, noise, 1.0)  # the step
+    step_draws = list(draws)
+    draws.clear()
+    train.locate_nonfinite(net, x, noise, state, 1.0)
+    assert len(draws) == len(step_draws)
+    for a, b in zip(draws, step_draws):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_boolean_options_take_1_and_0(fake_data):
+    """--flag=1 and --flag=0 are read as true and false (the message for a bad value
+    offers 'true or false'; apply_overrides also accepts 1 and 0)."""
+    importlib.reload(train)
+    namespace = {k: getattr(train, k) for k in train.config_keys}
+    train.apply_overrides(["--decay_lr=1", "--batch_norm=0"], namespace)
+    assert namespace["decay_lr"] is True and namespace["batch_norm"] is False
+
+
+def test_cosine_decay_to_min_lr_equal_to_lr_is_allowed(tmp_path):
+    """--decay_lr with --min_lr equal to --lr is a constant lr, not an error (only a
+    min_lr above lr is refused)."""
+    importlib.reload(train)
+    config = {k: getattr(train, k) for k in train.config_keys}
+    config.update(decay_lr=True, lr=1e-3, min_lr=1e-3, out_dir=str(tmp_path / "run"))
+    train.validate_config(config)
+
+
+def test_the_batch_size_may_change_between_epochs(run, tmp_path, capsys):
+    """Resuming at an epoch's end with another --batch_size is allowed (only the middle of
+    an epoch needs the old one); the change is printed."""
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1") == 0
+    assert run(out, "--epochs=2", "--batch_size=50") == 0
+    assert "batch_size 64 -> 50" in capsys.readouterr().out
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
+
+
+def test_a_checkpoint_one_step_beyond_the_epoch_is_corrupt(run, tmp_path):
+    """The boundary of the corrupt-step check: step = steps per epoch + 1 is refused."""
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1") == 0
+    with np.load(out / "ckpt.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    meta.update(step=STEPS_PER_EPOCH + 1,
+                sums={"elbo": 0.0, "log_px": 0.0, "kl": [0.0, 0.0], "n": 0})
+    np.savez(out / "ckpt.npz", meta=np.array(json.dumps(meta)), **arrays)
+    with pytest.raises(checkpoint.CheckpointError, match=f"corrupt: it stopped after step "
+                                                         f"{STEPS_PER_EPOCH + 1} of an epoch"):
+        run(out, "--epochs=2")

@@ -417,7 +417,10 @@ def check_merge_forward(merge_forward):
         mu_q, var_q = _two("merge_forward", merge_forward(*[a.copy() for a in ext]))
         ref_mu, ref_var = gaussian.merge_forward(*ext)
         inputs = dict(zip(MERGE_NAMES, ext))
-        _compare("var_q", var_q, ref_var, inputs, hint="stay finite for variances from 1e-8 to 1e8")
+        # relative only: var_q is ~1e-8 here, below ATOL, so an absolute tolerance would
+        # let a "safety" epsilon of 1e-9 (10 % of var_q) pass
+        _compare("var_q", var_q, ref_var, inputs, atol=0.0,
+                 hint="stay finite and exact for variances from 1e-8 to 1e8 (no added epsilon)")
         _compare("mu_q", mu_q, ref_mu, inputs, hint="stay finite for variances from 1e-8 to 1e8")
         return "mu_q and var_q match gaussian.merge_forward, for variances from 1e-8 to 1e8"
     return run_part("merge forward", body)
