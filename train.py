@@ -541,7 +541,9 @@ def finalize(net, ds, test_x, noise, history):
     plots.reconstructions(test_x[:10], lvae.reconstruct(net, test_x[:10], noise),
                           os.path.join(out_dir, "reconstructions.png"))
     # Burda's activity counts a unit of the LVAE whose q is its prior as active when the
-    # layer above moves its mean; a KL above 0.01 nats says the unit carries information
+    # layer above moves its mean. The KL bounds what a unit tells about x: 0.01 nats or
+    # less means it carries at most that. (A KL above it may still carry nothing, e.g. a q
+    # that differs from the prior in the same way for every x.)
     informative = [int((k > 0.01).sum()) for k in kl_units]
     result = {"epoch": history[-1]["epoch"] if history else 0, "active_units": counts,
               "informative_units": informative, "test_elbo": test_elbo(net, test_x, noise)}
