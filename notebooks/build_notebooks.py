@@ -1176,7 +1176,10 @@ def hierarchy():
         estimate of $\mathbb{E}[\log q(z_u|z_{i-1}) - \log p(z_u|z_{i+1})]$, which (notebook 2)
         is a share of the total KL, not a KL by itself, and can come out slightly negative for a
         unit that encodes nothing. The LVAE's per-unit KLs are analytic and never negative.
-        "Units KL > 0.01" in the table counts the units that encode more than 0.01 nats.
+        "Units KL > 0.01" in the table counts the units whose KL is above 0.01 nats. The KL
+        bounds what a unit encodes about $x$: a unit under 0.01 nats encodes at most that, while
+        one above it need not encode anything (a mismatch between $q$ and the prior that is the
+        same for every $x$ counts too).
         """),
         md(r"""
         ### Why (almost) every unit counts as active here
