@@ -7,6 +7,7 @@ against the same step run eagerly.
 import gc
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -14,10 +15,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+import autograd  # noqa: E402
 import lvae  # noqa: E402
 from conftest import requires_cuda  # noqa: E402
 from cuda_graph import WARMUP_STEPS, BufferNoise, GraphStep  # noqa: E402
 from layers import Adam  # noqa: E402
+from test_device_mixing import StandInGpuArray  # noqa: E402
+from test_lvae import FakeGpuGenerator  # noqa: E402
 
 SIZES = dict(x_dim=12, z_dims=(4, 3, 2), hidden=(10, 8, 6), n_dense=2)
 BATCH = 16
@@ -196,3 +200,46 @@ def test_recording_sequence_with_a_stand_in_for_cupy(monkeypatch):
     assert log == ["enter stream", "private pool", "begin_capture", "end_capture",
                    "exit stream"]
     assert gc.isenabled() and failing.graph is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_buffer_noise_hands_out_consecutive_parts_of_each_fresh_draw(dtype):
+    """Within a step, the requests get consecutive, non-overlapping parts of the buffer
+    (each layer its own noise), in the dtype of ``like``; each refill() draws new
+    numbers (the same noise at every step would make a replay a fixed-noise fit)."""
+    noise = BufferNoise(10, np.zeros(1, dtype), seed=0)
+    noise.refill()
+    first, second = noise.normal((2, 3)), noise.normal((4,))
+    assert first.dtype == second.dtype == dtype
+    np.testing.assert_array_equal(np.concatenate([first.ravel(), second]), noise.flat)
+    step_one = noise.flat.copy()
+    noise.refill()
+    noise.rewind()
+    assert not np.array_equal(noise.normal((10,)), step_one), "refill() drew the same numbers"
+
+
+def test_buffer_noise_on_the_gpu_path_reseeds_from_the_host_generator(monkeypatch):
+    """On a GPU, refill() draws from the device generator reseeded from the host one at
+    every refill (stand-ins for CuPy and lvae.gpu_generator): fresh numbers at every
+    step, the same for the same seed, different for another seed."""
+    stand_in = types.ModuleType("cupy_stand_in")
+    stand_in.ndarray = StandInGpuArray
+    stand_in.empty = lambda size, dtype: np.empty(size, dtype).view(StandInGpuArray)
+    monkeypatch.setattr(autograd, "cupy", stand_in)
+    monkeypatch.setattr(lvae, "gpu_generator", FakeGpuGenerator)
+    like = np.zeros(1, np.float32).view(StandInGpuArray)
+
+    def draws(seed, steps=2):
+        noise = BufferNoise(8, like, seed=seed)
+        assert noise.gpu_rng is not None, "the GPU path was not taken"
+        out = []
+        for _ in range(steps):
+            noise.refill()
+            noise.rewind()
+            out.append(np.asarray(noise.normal((8,))).copy())
+        return out
+
+    a1, a2 = draws(3)
+    assert not np.array_equal(a1, a2), "two steps drew the same noise"
+    np.testing.assert_array_equal(draws(3)[0], a1)
+    assert not np.array_equal(draws(4)[0], a1)

@@ -323,3 +323,14 @@ def test_extreme_variances_give_finite_values_and_gradients(dtype):
     loss.backward()
     for name, leaf in leaves.items():
         assert np.all(np.isfinite(leaf.grad)), f"non-finite gradient for {name}"
+
+
+def test_merge_with_a_zero_variance_returns_that_input():
+    """The limit the docstring promises for the s = 1/(var_hat + var_p) forms: an input
+    with variance 0 is certain, and the merge returns it exactly (mean, variance 0),
+    where the precision forms would compute mu/0 and inf * 0 (and pytest.ini turns the
+    divide-by-zero warning into an error)."""
+    mu_q, var_q = gaussian.merge_forward(np.array([3.0, -1.0]), np.array([0.0, 2.0]),
+                                         np.array([-7.0, 5.0]), np.array([2.0, 0.0]))
+    np.testing.assert_array_equal(mu_q, [3.0, 5.0])
+    np.testing.assert_array_equal(var_q, [0.0, 0.0])

@@ -743,3 +743,89 @@ def test_ops_match_finite_differences_on_each_backend(xp, op):
     if xp is not np:
         assert kernels.active(xp.zeros(1)), "the fused path should be on for CuPy arrays"
     check_gradients_xp(xp, fn, *make(np.float64))
+
+
+# the kernels each Gaussian op launches: (forward, backward)
+GAUSSIAN_OP_KERNELS = {
+    "merge": ("lvae_merge_fwd", "lvae_merge_bwd"),
+    "gaussian_kl": ("lvae_kl_fwd", "lvae_kl_bwd"),
+    "gaussian_kl (standard normal prior)": ("lvae_kl_fwd", "lvae_kl_bwd"),
+    "log_normal": ("lvae_log_normal_fwd", "lvae_log_normal_bwd"),
+}
+
+
+def _gaussian_op(name, leaves):
+    mu_hat, var_hat, mu_p, var_p = leaves
+    if name == "merge":
+        mu_q, var_q = gaussian.merge(mu_hat, var_hat, mu_p, var_p)
+        return (mu_q * var_q).sum()  # both outputs get a gradient
+    if name == "gaussian_kl":
+        return gaussian.gaussian_kl(mu_p, var_p, mu_hat, var_hat).sum()
+    if name == "gaussian_kl (standard normal prior)":
+        return gaussian.gaussian_kl(mu_p, var_p).sum()  # the prior as numbers
+    return gaussian.log_normal(mu_p, mu_hat, var_hat).sum()
+
+
+@pytest.mark.parametrize("name", list(GAUSSIAN_OP_KERNELS))
+def test_gaussian_ops_run_the_fused_kernels_when_active(fake_cupy, name):
+    """gaussian.py's dispatch: with fusion on, each op runs its fused forward kernel when
+    called and its fused backward kernel in backward(), once each; with fusion off, no
+    kernel at all. (The value tests compare fused with plain results, which a dispatch
+    that never took the fused path, or took it for one direction only, passes
+    trivially; so do the GPU fusion-on-vs-off tests.)"""
+    arrays = broadcast_inputs(np.float64)
+    forward_kernel, backward_kernel = GAUSSIAN_OP_KERNELS[name]
+    for fused in (True, False):
+        kernels.set_fusion(fused)
+        fake_cupy.launched.clear()
+        leaves = [Tensor(a.copy(), requires_grad=True) for a in arrays]
+        loss = _gaussian_op(name, leaves)
+        assert dict(fake_cupy.launched) == ({forward_kernel: 1} if fused else {}), \
+            f"{name}, fusion {'on' if fused else 'off'}: forward launched {dict(fake_cupy.launched)}"
+        fake_cupy.launched.clear()
+        loss.backward()
+        assert dict(fake_cupy.launched) == ({backward_kernel: 1} if fused else {}), \
+            f"{name}, fusion {'on' if fused else 'off'}: backward launched {dict(fake_cupy.launched)}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
+def test_fused_batch_norm_with_slope_zero_is_a_relu(fake_cupy, dtype, training):
+    """slope 0 (a plain ReLU; leaky_relu allows 0 <= slope < 1): a unit whose output is 0
+    passes no gradient, on the fused path as on the plain one. Its output is then
+    y * 0 = -0.0 for y < 0, which a test `out >= 0` would take for a live unit.
+
+    Checked: fused equals plain; dbeta is the sum of g over the live units only; in
+    evaluation mode (a fixed affine map) dx is exactly 0 at the dead units."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((24, 6)) * 2 + 1).astype(dtype)
+    gamma, beta = (rng.random(6) + 0.5).astype(dtype), rng.standard_normal(6).astype(dtype)
+    stats = ((None, None) if training else
+             (rng.standard_normal(6).astype(dtype), (rng.random(6) + 0.2).astype(dtype)))
+    weights = rng.standard_normal(x.shape).astype(dtype)
+    results = {}
+    for fused in (True, False):
+        kernels.set_fusion(fused)
+        leaves = [Tensor(a.copy(), requires_grad=True) for a in (x, gamma, beta)]
+        y, _, _ = layers.batch_norm(*leaves, 1e-4, *stats, slope=0.0)
+        y.backward(weights)
+        results[fused] = {"y": y.data, "dx": leaves[0].grad, "dgamma": leaves[1].grad,
+                          "dbeta": leaves[2].grad}
+    assert_all_match(f"batch norm + ReLU ({'training' if training else 'evaluation'})", dtype,
+                     results)
+    live = results[True]["y"] > 0
+    assert live.any() and not live.all()
+    expected_dbeta = np.where(live, weights, 0).astype(np.float64).sum(axis=0).astype(dtype)
+    assert_fused_matches_plain("dbeta = sum of g over live units", dtype, results[True]["dbeta"],
+                               expected_dbeta, scale=np.abs(weights).sum(axis=0))
+    if not training:
+        assert np.all(results[True]["dx"][~live] == 0), "a dead ReLU unit passed a gradient"
+
+
+def test_wrappers_run_integer_arrays_in_float64_as_numpy_does(fake_cupy):
+    """Arrays of integers only (no float dtype to keep): the kernel runs in float64, the
+    dtype NumPy gives the reference code (log and true division of integers)."""
+    z, mu, var = np.arange(-3, 4), np.zeros(7, np.int32), np.full(7, 2)
+    got, expected = kernels.log_normal_forward(z, mu, var), gaussian.log_normal_forward(z, mu, var)
+    assert got.dtype == expected.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=1e-12)

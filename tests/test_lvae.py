@@ -980,3 +980,25 @@ def test_gpu_noise_is_determined_by_the_host_state(monkeypatch):
     noise.new_step()
     other.new_step()
     np.testing.assert_array_equal(noise.normal((4,), like), other.normal((4,), like))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_gpu_noise_is_fresh_at_every_step_and_has_the_dtype_asked_for(monkeypatch, dtype):
+    """On a GPU (stand-ins as in test_gpu_noise_is_determined_by_the_host_state): each
+    new_step() reseeds from the host generator, so consecutive steps, and streams with
+    different seeds, draw different noise; the draws have the dtype of ``like`` (float64
+    models too)."""
+    stand_in = types.ModuleType("cupy_stand_in")
+    stand_in.ndarray = StandInGpuArray
+    monkeypatch.setattr(autograd, "cupy", stand_in)
+    monkeypatch.setattr(lvae, "gpu_generator", FakeGpuGenerator)
+    like = np.zeros(1, dtype).view(StandInGpuArray)
+    noise, other = lvae.Noise(0), lvae.Noise(1)
+    noise.new_step()
+    other.new_step()
+    first, from_other = noise.normal((50,), like), other.normal((50,), like)
+    noise.new_step()
+    second = noise.normal((50,), like)
+    assert first.dtype == second.dtype == dtype
+    assert not np.array_equal(first, second), "two steps drew the same noise"
+    assert not np.array_equal(first, from_other), "two seeds drew the same noise"
