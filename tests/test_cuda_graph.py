@@ -7,7 +7,6 @@ against the same step run eagerly.
 import gc
 import os
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -15,13 +14,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import autograd  # noqa: E402
 import lvae  # noqa: E402
 from conftest import requires_cuda  # noqa: E402
 from cuda_graph import WARMUP_STEPS, BufferNoise, GraphStep  # noqa: E402
 from layers import Adam  # noqa: E402
-from test_device_mixing import StandInGpuArray  # noqa: E402
-from test_lvae import FakeGpuGenerator  # noqa: E402
+from test_device_mixing import fake_cupy  # noqa: E402,F401  (a fixture)
+from test_lvae import gpu_stand_ins  # noqa: E402,F401  (a fixture)
 
 SIZES = dict(x_dim=12, z_dims=(4, 3, 2), hidden=(10, 8, 6), n_dense=2)
 BATCH = 16
@@ -218,16 +216,11 @@ def test_buffer_noise_hands_out_consecutive_parts_of_each_fresh_draw(dtype):
     assert not np.array_equal(noise.normal((10,)), step_one), "refill() drew the same numbers"
 
 
-def test_buffer_noise_on_the_gpu_path_reseeds_from_the_host_generator(monkeypatch):
+def test_buffer_noise_on_the_gpu_path_reseeds_from_the_host_generator(gpu_stand_ins):
     """On a GPU, refill() draws from the device generator reseeded from the host one at
     every refill (stand-ins for CuPy and lvae.gpu_generator): fresh numbers at every
     step, the same for the same seed, different for another seed."""
-    stand_in = types.ModuleType("cupy_stand_in")
-    stand_in.ndarray = StandInGpuArray
-    stand_in.empty = lambda size, dtype: np.empty(size, dtype).view(StandInGpuArray)
-    monkeypatch.setattr(autograd, "cupy", stand_in)
-    monkeypatch.setattr(lvae, "gpu_generator", FakeGpuGenerator)
-    like = np.zeros(1, np.float32).view(StandInGpuArray)
+    like = gpu_stand_ins(np.zeros(1, np.float32))
 
     def draws(seed, steps=2):
         noise = BufferNoise(8, like, seed=seed)

@@ -28,6 +28,7 @@ def fake_cupy(monkeypatch):
     stand_in = types.ModuleType("cupy_stand_in")
     stand_in.ndarray = StandInGpuArray
     stand_in.asarray = lambda a, dtype=None: np.asarray(a, dtype).view(StandInGpuArray)
+    stand_in.empty = lambda shape, dtype: np.empty(shape, dtype).view(StandInGpuArray)
     monkeypatch.setattr(autograd, "cupy", stand_in)
     return lambda a: np.asarray(a).view(StandInGpuArray)
 

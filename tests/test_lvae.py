@@ -13,7 +13,6 @@ error messages; the analysis helpers; the Noise stream.
 import json
 import os
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ import lvae  # noqa: E402
 from autograd import no_grad, sigmoid_array  # noqa: E402
 from gaussian import gaussian_kl, log_normal  # noqa: E402
 from conftest import requires_cuda  # noqa: E402
-from test_device_mixing import StandInGpuArray  # noqa: E402
+from test_device_mixing import fake_cupy  # noqa: E402,F401  (a fixture)
 
 X_DIM = 8
 TINY = dict(x_dim=X_DIM, z_dims=(3, 2), hidden=(5, 4), n_dense=2)
@@ -959,15 +958,19 @@ class FakeGpuGenerator:
         return self.rng.standard_normal(shape).astype(dtype)
 
 
-def test_gpu_noise_is_determined_by_the_host_state(monkeypatch):
+@pytest.fixture
+def gpu_stand_ins(fake_cupy, monkeypatch):
+    """Noise's GPU path on the CPU: arrays made by the returned converter count as CuPy's,
+    and the device generator is FakeGpuGenerator."""
+    monkeypatch.setattr(lvae, "gpu_generator", FakeGpuGenerator)
+    return fake_cupy
+
+
+def test_gpu_noise_is_determined_by_the_host_state(gpu_stand_ins):
     """On a GPU the draws come from a device generator reseeded from the host one: after
     set_state the draws replay (locate_nonfinite, resuming), and after new_step two
     streams with the same host state draw the same, whatever each drew before."""
-    stand_in = types.ModuleType("cupy_stand_in")
-    stand_in.ndarray = StandInGpuArray
-    monkeypatch.setattr(autograd, "cupy", stand_in)
-    monkeypatch.setattr(lvae, "gpu_generator", FakeGpuGenerator)
-    like = np.zeros(1, np.float32).view(StandInGpuArray)
+    like = gpu_stand_ins(np.zeros(1, np.float32))
     noise = lvae.Noise(0)
     noise.new_step()
     state = noise.get_state()
@@ -983,16 +986,12 @@ def test_gpu_noise_is_determined_by_the_host_state(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-def test_gpu_noise_is_fresh_at_every_step_and_has_the_dtype_asked_for(monkeypatch, dtype):
-    """On a GPU (stand-ins as in test_gpu_noise_is_determined_by_the_host_state): each
+def test_gpu_noise_is_fresh_at_every_step_and_has_the_dtype_asked_for(gpu_stand_ins, dtype):
+    """On a GPU (here its stand-ins): each
     new_step() reseeds from the host generator, so consecutive steps, and streams with
     different seeds, draw different noise; the draws have the dtype of ``like`` (float64
     models too)."""
-    stand_in = types.ModuleType("cupy_stand_in")
-    stand_in.ndarray = StandInGpuArray
-    monkeypatch.setattr(autograd, "cupy", stand_in)
-    monkeypatch.setattr(lvae, "gpu_generator", FakeGpuGenerator)
-    like = np.zeros(1, dtype).view(StandInGpuArray)
+    like = gpu_stand_ins(np.zeros(1, dtype))
     noise, other = lvae.Noise(0), lvae.Noise(1)
     noise.new_step()
     other.new_step()
