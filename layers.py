@@ -605,8 +605,11 @@ class Adam:
                 if p.grad is not None:  # the whole update in one fused kernel
                     kernels.adam_update(p.data, p.grad, m, v, scale, b1, b2, step_size, eps_hat)
             return
-        scale = 1.0
-        if self.clip_norm is not None:
+        scale = None  # None: no clipping this step
+        if self.clip_norm is not None and get_array_module(self.params[0].data) is not np:
+            # CuPy with fusion off: the norm stays on the GPU, as on the fused path
+            scale = self._device_clip_scale([p.grad for p in self.params if p.grad is not None])
+        elif self.clip_norm is not None:
             self.last_grad_norm = self.grad_norm()
             if self.last_grad_norm > self.clip_norm:
                 scale = self.clip_norm / self.last_grad_norm
@@ -614,7 +617,7 @@ class Adam:
             if p.grad is None:
                 continue
             xp = get_array_module(p.data)
-            g = p.grad if scale == 1.0 else p.grad * scale
+            g = p.grad if scale is None else p.grad * scale
             tmp = self._scratch(p)  # in-place ops on one reused buffer: no allocations
             xp.multiply(g, 1 - b1, out=tmp)
             m *= b1
@@ -632,7 +635,7 @@ class Adam:
     def _device_clip_scale(self, grads):
         """min(1, clip_norm / ||g||) as a 0-d device array: reading the norm back to the
         host would make the CPU wait for the GPU at every step."""
-        xp = get_array_module(grads[0])
+        xp = get_array_module(self.params[0].data)
         total = xp.zeros((), dtype=self.params[0].dtype)  # the weights' dtype, as the kernel's T
         for g in grads:
             g = g.reshape(-1)

@@ -6,6 +6,7 @@ docstrings; Adam against its update written out by hand. Bodies that take ``xp``
 with NumPy and, under the ``gpu`` marker, with CuPy.
 """
 import math
+import types
 
 import numpy as np
 import pytest
@@ -700,6 +701,48 @@ def test_adam_clip_norm():
     unclipped = adam_reference(p0, grads_p, 0.1)[0]
     assert not np.allclose(p.data, unclipped), "clipping should change the second step"
     np.testing.assert_array_equal(p.grad, grads_p[1], err_msg="clipping should not modify p.grad")
+
+
+class DeviceArray(np.ndarray):
+    """A NumPy array that stands for a CuPy array in the test below."""
+
+
+class DeviceModule(types.ModuleType):
+    """numpy, with every array it makes a DeviceArray: ``get_array_module`` returns this
+    for a DeviceArray once it is ``autograd.cupy``, as it returns cupy for a CuPy array."""
+    ndarray = DeviceArray
+
+    def __getattr__(self, name):
+        function = getattr(np, name)
+
+        def on_device(*args, **kwargs):
+            result = function(*args, **kwargs)
+            return result.view(DeviceArray) if isinstance(result, np.ndarray) else result
+        return on_device
+
+
+def test_adam_clip_norm_on_unfused_cupy_keeps_the_norm_on_the_device(monkeypatch):
+    """With fusion off on a GPU, clipping once read every gradient's sum of squares back
+    to the host (``float(g @ g)``), one wait for the GPU per parameter per step. The
+    norm now stays a device array, as on the fused path, and the update is the same."""
+    monkeypatch.setattr(autograd, "cupy", DeviceModule("cupy_stand_in"))
+    monkeypatch.setattr(Adam, "grad_norm", lambda self: pytest.fail("read the norm back"))
+    p0, q0 = np.array([1.0, 2.0]), np.array([[0.5], [-1.0]])
+    grads_p = [np.array([3.0, 4.0]), np.array([0.6, 0.0])]  # ||g|| 13, then 1: clip 5
+    grads_q = [np.array([[0.0], [12.0]]), np.array([[0.0], [0.8]])]
+    p = Tensor(p0.copy().view(DeviceArray), requires_grad=True)
+    q = Tensor(q0.copy().view(DeviceArray), requires_grad=True)
+    opt = Adam([p, q], lr=0.1, clip_norm=5.0)
+    for gp, gq in zip(grads_p, grads_q):
+        p.grad, q.grad = gp.view(DeviceArray), gq.view(DeviceArray)
+        opt.step()
+        assert isinstance(opt.last_grad_norm, DeviceArray), "the norm should stay on the device"
+    assert float(np.asarray(opt.last_grad_norm)) == pytest.approx(1.0)
+    scales = [5 / 13, 1.0]
+    np.testing.assert_allclose(p.data, adam_reference(p0, grads_p, 0.1, scales=scales)[0],
+                               rtol=1e-9)
+    np.testing.assert_allclose(q.data, adam_reference(q0, grads_q, 0.1, scales=scales)[0],
+                               rtol=1e-9)
 
 
 def test_adam_state_dict_round_trip():
