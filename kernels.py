@@ -14,7 +14,7 @@ For the Gaussian ops, per element, with s = 1 / (var_hat + var_p) and the same f
 and the backward of each (the derivatives are written out in gaussian.py's docstrings).
 
 Why fuse: these ops do a few flops per element, so on a GPU their time is memory
-traffic. The plain CuPy code of merge_backward launches ~10 kernels, each reading its
+traffic. The plain CuPy code of merge_backward launches ~18 kernels, each reading its
 operands from GPU memory and writing a temporary array; the fused kernel reads every
 input once, keeps the intermediates (s, s^2, the mean difference) in registers and
 writes each gradient once.
@@ -204,7 +204,8 @@ p -= step_size * m / (sqrt(v) + eps_hat);
 
 def adam_update(p, grad, m, v, scale, b1, b2, step_size, eps_hat):
     """In place: m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, p -= step_size m / (sqrt(v) + eps_hat),
-    with g = scale * grad; the eleven array operations of the plain code in one pass.
+    with g = scale * grad; the twelve array operations of the plain code (thirteen with
+    clipping) in one pass.
 
     1 - b1 and 1 - b2 are computed here, in double, as the plain code does: in float32
     inside the kernel, 1 - 0.999 would be 1 - 0.99900001 = 0.00099998713, 1.3e-5 off

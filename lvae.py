@@ -415,7 +415,8 @@ def log_likelihood_bound(model, x, samples=5000, noise=None, batch_size=100,
     without gradients.
 
     Memory stays bounded whatever K is: images go in batches and samples in chunks of at
-    most ``max_rows`` rows (default ``MAX_ROWS`` of the model's device), and the
+    most ``max_rows`` rows (default ``MAX_ROWS`` of the model's device; at least one sample
+    per pass, so a batch larger than max_rows makes passes of batch_size rows), and the
     log-sum-exp over samples is accumulated as we go:
     LSE(a u b) = logaddexp(LSE(a), LSE(b)). progress(done, total) is called per batch.
     The batch norms are folded into their dense layers first (``layers.fold_batch_norm``):
