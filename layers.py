@@ -15,6 +15,7 @@ are the bulk of the work in a training step, and one op is both faster and easie
 check against finite differences than a chain of small ones.
 """
 import copy
+import itertools
 import math
 
 import numpy as np
@@ -391,6 +392,16 @@ def recompute_batchnorm_statistics(model, batches, forward):
     moving averages of training. ``forward(batch)`` runs the model in training mode
     (without recording gradients) so that each batch norm sees batch statistics.
     """
+    # look at the first batch before resetting anything: with no batches at all (an empty
+    # list, a generator already used up) the reset would leave every batch norm at
+    # mean 0, variance 1, silently throwing the trained statistics away
+    batches = iter(batches)
+    try:
+        first = next(batches)
+    except StopIteration:
+        raise ValueError("recompute_batchnorm_statistics: no batches (an empty list, or a "
+                         "generator already used up?); the statistics are left as they "
+                         "were") from None
     norms = [m for m in model.modules() if isinstance(m, BatchNorm)]
     momenta = [bn.momentum for bn in norms]
     modes = [(m, m.training) for m in model.modules()]  # every module's flag, not only BN's
@@ -400,7 +411,7 @@ def recompute_batchnorm_statistics(model, batches, forward):
     model.train()
     try:
         with no_grad():
-            for batch in batches:
+            for batch in itertools.chain([first], batches):
                 forward(batch)
     finally:
         for bn, momentum in zip(norms, momenta):

@@ -240,6 +240,20 @@ def test_recompute_batchnorm_statistics_restores_flags_on_error():
     assert autograd.is_grad_enabled(), "gradient recording should be back on"
 
 
+@pytest.mark.parametrize("batches", [[], (b for b in [])], ids=["empty list", "used-up generator"])
+def test_recompute_batchnorm_statistics_without_batches_keeps_the_statistics(batches):
+    model = MLP(3, [4], rng=np.random.default_rng(8)).eval()
+    norm = model.norms[0]
+    norm.running_mean.data[...], norm.running_var.data[...] = 2.0, 3.0  # "trained" values
+    list(batches)  # a generator used up before the call, e.g. by an earlier pass
+    with pytest.raises(ValueError, match=r"recompute_batchnorm_statistics: no batches.*left as "
+                                         r"they were"):
+        recompute_batchnorm_statistics(model, batches, lambda b: model(Tensor(b)))
+    np.testing.assert_array_equal(norm.running_mean.data, 2.0, err_msg="the mean was reset")
+    np.testing.assert_array_equal(norm.running_var.data, 3.0, err_msg="the variance was reset")
+    assert norm.momentum == 0.1 and not norm.training
+
+
 # ----------------------------------------------------------------------------------
 # Dense initialisation
 # ----------------------------------------------------------------------------------
