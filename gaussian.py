@@ -124,7 +124,8 @@ def _tensors(op, **inputs):
     becomes a constant (no gradient flows to it), as ``tensor()`` makes it; a number
     becomes a constant of the dtype of the first Tensor (or, if there is none, of the
     first array; float64 if all the inputs are numbers: that is what a Python float is). Anything else, or arrays on
-    different devices (NumPy and CuPy), is a TypeError."""
+    different devices (NumPy and CuPy), is a TypeError; shapes that do not broadcast
+    together are a ValueError that names the op and every input's shape."""
     like = None
     for name, x in inputs.items():
         if isinstance(x, Tensor) or isinstance(x, get_array_module(x).ndarray):
@@ -137,7 +138,13 @@ def _tensors(op, **inputs):
         like = Tensor(np.asarray(next(iter(inputs.values())), dtype=np.float64))
     check_same_device(op, *inputs.values())
     like = as_tensor(like)
-    return tuple(as_tensor(x, like=like) for x in inputs.values())
+    tensors = tuple(as_tensor(x, like=like) for x in inputs.values())
+    try:  # shapes only, no data is read: checked here, before either the reference code
+        np.broadcast_shapes(*(t.shape for t in tensors))  # or a fused GPU kernel runs
+    except ValueError:
+        shapes = ", ".join(f"{name} {t.shape}" for name, t in zip(inputs, tensors))
+        raise ValueError(f"{op}: the input shapes do not broadcast together: {shapes}") from None
+    return tensors
 
 
 def merge(mu_hat, var_hat, mu_p, var_p):
@@ -183,9 +190,8 @@ def log_normal(z, mu=0.0, var=1.0):
 def reparameterize(mu, var, eps):
     """A sample z = mu + sqrt(var) * eps of N(mu, var), differentiable in mu and var
     (eps ~ N(0, I) is drawn outside). dz/dmu = 1, dz/dvar = eps / (2 sqrt(var))."""
-    mu, var = _tensors("reparameterize", mu=mu, var=var)
-    eps = eps.data if isinstance(eps, Tensor) else eps  # noise: no gradient flows to it
-    check_same_device("reparameterize", mu, eps)
+    mu, var, eps = _tensors("reparameterize", mu=mu, var=var, eps=eps)
+    eps = eps.data  # noise: no gradient flows to it
     xp = get_array_module(mu.data)
     std = xp.sqrt(var.data)
     z = mu.data + std * eps

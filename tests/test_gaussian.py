@@ -170,9 +170,28 @@ def test_a_mixed_call_still_differentiates_the_tensors():
     (lambda: gaussian.log_normal(None), r"log_normal: z must be .* not NoneType"),
     (lambda: gaussian.reparameterize(np.zeros(2), True, np.ones(2)),
      r"reparameterize: var must be .* not bool"),
-], ids=["gaussian_kl str", "merge list", "log_normal None", "reparameterize bool"])
+    (lambda: gaussian.reparameterize(np.zeros(2), np.ones(2), None),
+     r"reparameterize: eps must be .* not NoneType"),
+], ids=["gaussian_kl str", "merge list", "log_normal None", "reparameterize bool",
+        "reparameterize eps None"])
 def test_other_inputs_are_a_clear_type_error(call, message):
     with pytest.raises(TypeError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: gaussian.merge(Tensor(np.ones(3)), np.ones(3), np.zeros(4), np.ones(4)),
+     r"merge: the input shapes do not broadcast together: mu_hat \(3,\), var_hat \(3,\), "
+     r"mu_p \(4,\), var_p \(4,\)"),
+    (lambda: gaussian.gaussian_kl(np.zeros(4), np.ones(3)),
+     r"gaussian_kl: the input shapes .*: mu_q \(4,\), var_q \(3,\), mu_p \(\), var_p \(\)"),
+    (lambda: gaussian.log_normal(np.zeros((2, 4)), np.zeros(3)),
+     r"log_normal: the input shapes .*: z \(2, 4\), mu \(3,\), var \(\)"),
+    (lambda: gaussian.reparameterize(np.zeros(4), np.ones(4), np.ones((2, 3))),
+     r"reparameterize: the input shapes .*: mu \(4,\), var \(4,\), eps \(2, 3\)"),
+], ids=["merge", "gaussian_kl", "log_normal", "reparameterize eps"])
+def test_shapes_that_do_not_broadcast_are_an_error_naming_the_op_and_shapes(call, message):
+    with pytest.raises(ValueError, match=message):
         call()
 
 
