@@ -170,15 +170,42 @@ def first_nonfinite_module(model, run):
 # ----------------------------------------------------------------------------------
 # Dense
 # ----------------------------------------------------------------------------------
+def _as_input(op, x, dtype):
+    """x itself if it is a Tensor; a NumPy or CuPy array as a constant Tensor (no gradient),
+    with integers and booleans (e.g. pixels) converted to ``dtype``, the weights' float
+    type, rather than promoting the product. Without this, ``x.data`` of an array would be
+    its raw memoryview. Anything else is a TypeError naming ``op``."""
+    if isinstance(x, Tensor):
+        return x
+    if not isinstance(x, get_array_module(x).ndarray):
+        raise TypeError(f"{op}: expected a Tensor or an array, got {type(x).__name__}")
+    return Tensor(x.astype(dtype) if x.dtype.kind in "biu" else x)
+
+
+def _check_weight_and_bias(op, weight, bias):
+    """A dense layer's weight must be 2-D (n_in, n_out) and its bias (if any) hold one value
+    per output: a bias of another length would broadcast, or fail inside NumPy."""
+    if weight.ndim != 2:
+        raise ValueError(f"{op}: the weight must be 2-D (n_in, n_out), got shape {weight.shape}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[1],):
+        raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}, but the weight of shape "
+                         f"{weight.shape} needs ({weight.shape[1]},): one value per output")
+
+
 def linear(x, weight, bias=None):
-    """x @ W (+ b) over the last axis of x, as one op.
+    """x @ W (+ b) over the last axis of x, as one op. Arrays are taken as constants.
 
     Backward: dx = g W^T,  dW = x^T g,  db = sum of g over the rows.
     Leading axes of x (batch, importance samples) are folded into rows.
     """
+    weight = _as_input("linear", weight, np.float32)
+    x = _as_input("linear", x, weight.dtype)
+    bias = None if bias is None else _as_input("linear", bias, weight.dtype)
     check_same_device("linear", x, weight)
-    if x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"linear: input has {x.shape[-1]} features (shape {x.shape}) but "
+    _check_weight_and_bias("linear", weight, bias)
+    if x.ndim == 0 or x.shape[-1] != weight.shape[0]:
+        features = x.shape[-1] if x.ndim else "no"  # a 0-d array has no feature axis
+        raise ValueError(f"linear: input has {features} features (shape {x.shape}) but "
                          f"the weight expects {weight.shape[0]} (shape {weight.shape})")
     rows = x.data.reshape(-1, x.shape[-1])
     out = rows @ weight.data
@@ -233,17 +260,12 @@ class Dense(Module):
         layer = cls.__new__(cls)
         layer.weight = Tensor(weight, requires_grad=requires_grad)
         layer.bias = None if bias is None else Tensor(bias, requires_grad=requires_grad)
+        _check_weight_and_bias("Dense.from_arrays", layer.weight, layer.bias)
         return layer
 
     def forward(self, x):
         """x W + b for a Tensor x; a NumPy or CuPy array becomes a constant Tensor."""
-        if not isinstance(x, Tensor):
-            if not isinstance(x, get_array_module(x).ndarray):
-                raise TypeError(f"Dense: expected a Tensor or an array, got {type(x).__name__}")
-            # without this, x.data would be the array's raw memoryview; integer pixels
-            # become the weight's float dtype rather than promoting the product
-            x = Tensor(x if x.dtype.kind == "f" else x.astype(self.weight.dtype))
-        return linear(x, self.weight, self.bias)
+        return linear(_as_input("Dense", x, self.weight.dtype), self.weight, self.bias)
 
 
 # ----------------------------------------------------------------------------------
@@ -313,10 +335,15 @@ def batch_norm(x, gamma, beta, eps, mean=None, var=None, slope=None):
     Returns (y, mean, variance): the batch's statistics in training, the given ones in
     evaluation.
     """
+    x = _as_input("batch_norm", x, gamma.dtype)
     check_same_device("batch_norm", x, gamma)
     if x.ndim == 0 or x.shape[-1] != gamma.shape[0]:
         raise ValueError(f"batch_norm: input of shape {x.shape} for {gamma.shape[0]} features: "
                          f"its last axis must have {gamma.shape[0]}")
+    for name, value in (("beta", beta), ("mean", mean), ("var", var)):
+        if value is not None and value.shape != gamma.shape:  # (1,) would broadcast silently
+            raise ValueError(f"batch_norm: {name} has shape {value.shape}, gamma {gamma.shape}: "
+                             f"each needs one value per feature")
     rows = x.data.reshape(-1, x.shape[-1])
     training = mean is None
     if training and rows.shape[0] < 2:

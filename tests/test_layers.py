@@ -57,6 +57,37 @@ def test_linear_shape_error_names_shapes():
         linear(Tensor(np.ones((2, 5))), Tensor(np.ones((3, 4))))
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda: linear(Tensor(np.ones((2, 3))), Tensor(np.ones((3, 2))), Tensor(np.ones(5))),
+     r"linear: bias has shape \(5,\), but the weight of shape \(3, 2\) needs \(2,\)"),
+    (lambda: linear(Tensor(np.ones((2, 3))), Tensor(np.ones(3))),
+     r"linear: the weight must be 2-D \(n_in, n_out\), got shape \(3,\)"),
+    (lambda: Dense(2, 3)(np.array(1.0, np.float32)),
+     r"linear: input has no features \(shape \(\)\) but the weight expects 2"),
+    (lambda: Dense.from_arrays(np.zeros((2, 3)), np.zeros(5)),
+     r"Dense.from_arrays: bias has shape \(5,\), but the weight of shape \(2, 3\) needs "
+     r"\(3,\)"),
+    (lambda: batch_norm(Tensor(np.ones((4, 3))), Tensor(np.ones(3)), Tensor(np.zeros(3)), 1e-4,
+                        np.zeros(1), np.ones(3)),
+     r"batch_norm: mean has shape \(1,\), gamma \(3,\)"),
+], ids=["linear bias", "linear 1-D weight", "Dense 0-d input", "from_arrays bias",
+        "batch_norm mean"])
+def test_dense_and_batch_norm_shape_errors_name_the_op_and_shapes(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_linear_and_batch_norm_take_plain_arrays_as_constants():
+    x, w = np.ones((2, 3), np.float32), np.full((3, 2), 0.5, np.float32)
+    np.testing.assert_array_equal(linear(x, Tensor(w)).data, x @ w)
+    np.testing.assert_array_equal(linear(Tensor(x), w).data, x @ w)
+    norm = BatchNorm(3)
+    x = np.random.default_rng(0).random((4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(norm(x).data, BatchNorm(3)(Tensor(x)).data)
+    with pytest.raises(TypeError, match=r"linear: expected a Tensor or an array, got list"):
+        linear([[1.0, 2.0, 3.0]], Tensor(w))
+
+
 def test_dense_forward_and_parameters(xp):
     rng = np.random.default_rng(1)
     layer = Dense(3, 4, rng=rng).to(device_of(xp))
