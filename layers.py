@@ -14,6 +14,7 @@ Dense and batch norm are single autograd ops with hand-written backward passes: 
 are the bulk of the work in a training step, and one op is both faster and easier to
 check against finite differences than a chain of small ones.
 """
+import collections.abc
 import copy
 import itertools
 import math
@@ -63,6 +64,7 @@ class Module:
 
     def train(self, mode=True):
         """Training mode: batch norm uses batch statistics and updates running averages."""
+        mode = _check_flag("train", "mode", mode)
         for m in self.modules():
             m.training = mode
         return self
@@ -80,6 +82,7 @@ class Module:
 
     def astype(self, dtype):
         """Convert every parameter and buffer to ``dtype`` (float64 for gradient checks)."""
+        dtype = _check_float_dtype("astype", dtype)
         for _, t in self.named_tensors():
             t.data = t.data.astype(dtype)
             t.grad = None
@@ -91,6 +94,9 @@ class Module:
 
     def load_state_dict(self, state):
         """Load arrays by name; missing/unexpected names and wrong shapes are errors."""
+        if not isinstance(state, collections.abc.Mapping):  # a str would be read as its letters
+            raise TypeError(f"load_state_dict: state must be a dict of {{name: array}} (as "
+                            f"state_dict() gives), got {type(state).__name__}")
         own = dict(self.named_tensors())
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -99,6 +105,9 @@ class Module:
                            f"{unexpected}")
         for name, t in own.items():
             value = state[name]
+            if not hasattr(value, "shape"):
+                raise TypeError(f"load_state_dict: {name} must be an array, got "
+                                f"{type(value).__name__}")
             if tuple(value.shape) != t.shape:
                 raise ValueError(f"load_state_dict: {name} has shape {tuple(value.shape)}"
                                  f" in the state, {t.shape} in the model")
@@ -232,6 +241,42 @@ def check_size(layer, name, n):
         raise ValueError(f"{layer}: {name} must be a positive int, got {n}")
 
 
+def _check_number(owner, name, value, low, high=None, low_open=False, high_open=True):
+    """A real number (not a bool or a string) with low <= value < high (low < value if
+    ``low_open``, value <= high if not ``high_open``): the settings of layers and of Adam,
+    checked when they are given rather than when a step first uses them."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{owner}: {name} must be a number, got {value!r} "
+                        f"({type(value).__name__})")
+    too_low = value <= low if low_open else value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high or not math.isfinite(value):
+        interval = (("(" if low_open else "[") + f"{low}, "
+                    + ("inf)" if high is None else f"{high}" + (")" if high_open else "]")))
+        raise ValueError(f"{owner}: {name} must be in {interval}, got {value}")
+
+
+def _check_flag(owner, name, value):
+    """``value`` as a bool; anything but True or False is a TypeError: "no" or "yes" would
+    otherwise both count as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_float_dtype(owner, dtype):
+    """``dtype`` as a NumPy floating-point dtype: weights stored as integers would be
+    rounded to 0 and +-1, and no gradient step could move them."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{owner}: {dtype!r} is not a NumPy dtype") from None
+    if dtype.kind != "f":
+        raise TypeError(f"{owner}: dtype must be a floating-point type (e.g. float32, "
+                        f"float64), got {dtype}")
+    return dtype
+
+
 class Dense(Module):
     """Fully connected layer y = x W + b.
 
@@ -243,7 +288,11 @@ class Dense(Module):
     def __init__(self, n_in, n_out, bias=True, init="glorot", rng=None, dtype=np.float32):
         check_size("Dense", "n_in", n_in)
         check_size("Dense", "n_out", n_out)
+        bias, dtype = _check_flag("Dense", "bias", bias), _check_float_dtype("Dense", dtype)
         rng = rng if rng is not None else np.random.default_rng()
+        if not isinstance(rng, (np.random.Generator, np.random.RandomState)):
+            raise TypeError(f"Dense: rng must be a NumPy random generator "
+                            f"(np.random.default_rng(seed)), got {rng!r}")
         if init == "glorot":
             limit = math.sqrt(6.0 / (n_in + n_out))
             w = rng.uniform(-limit, limit, size=(n_in, n_out))
@@ -344,6 +393,8 @@ def batch_norm(x, gamma, beta, eps, mean=None, var=None, slope=None):
         if value is not None and value.shape != gamma.shape:  # (1,) would broadcast silently
             raise ValueError(f"batch_norm: {name} has shape {value.shape}, gamma {gamma.shape}: "
                              f"each needs one value per feature")
+    if slope is not None:  # as leaky_relu checks it; -5 would compute something else silently
+        _check_number("batch_norm", "slope", slope, low=0, high=1)
     rows = x.data.reshape(-1, x.shape[-1])
     training = mean is None
     if training and rows.shape[0] < 2:
@@ -378,6 +429,12 @@ class BatchNorm(Module):
 
     def __init__(self, n_features, momentum=0.1, eps=1e-4, dtype=np.float32):
         check_size("BatchNorm", "n_features", n_features)
+        if momentum is not None:  # None has a meaning: exact averages (see above)
+            _check_number("BatchNorm", "momentum", momentum, low=0, high=1, low_open=True,
+                          high_open=False)
+        # eps = 0 divides by zero on a feature that is constant over the batch
+        _check_number("BatchNorm", "eps", eps, low=0, low_open=True)
+        dtype = _check_float_dtype("BatchNorm", dtype)
         self.gamma = Tensor(np.ones(n_features, dtype), requires_grad=True)
         self.beta = Tensor(np.zeros(n_features, dtype), requires_grad=True)
         self.running_mean = Tensor(np.zeros(n_features, dtype))
@@ -467,6 +524,14 @@ class MLP(Module):
     """
 
     def __init__(self, n_in, sizes, batch_norm=True, slope=0.01, rng=None):
+        if isinstance(sizes, str) or not hasattr(sizes, "__iter__"):
+            raise TypeError(f"MLP: sizes must be a list of layer sizes, e.g. [512, 512], got "
+                            f"{sizes!r}")
+        sizes = list(sizes)
+        if not sizes:
+            raise ValueError("MLP: sizes is empty; a block needs at least one layer")
+        batch_norm = _check_flag("MLP", "batch_norm", batch_norm)
+        _check_number("MLP", "slope", slope, low=0, high=1)  # a leaky ReLU's slope
         self.dense = []
         for n_out in sizes:
             self.dense.append(Dense(n_in, n_out, bias=not batch_norm, rng=rng))
@@ -498,6 +563,9 @@ class GaussianLayer(Module):
     """
 
     def __init__(self, n_in, n_out, batch_norm=True, var_eps=1e-8, rng=None):
+        batch_norm = _check_flag("GaussianLayer", "batch_norm", batch_norm)
+        # var_eps <= 0 would let the variance reach 0 (log var = -inf) or go negative
+        _check_number("GaussianLayer", "var_eps", var_eps, low=0, low_open=True)
         self.mean_dense = Dense(n_in, n_out, bias=not batch_norm, rng=rng)
         self.var_dense = Dense(n_in, n_out, bias=not batch_norm, rng=rng)
         self.mean_norm = BatchNorm(n_out) if batch_norm else None
@@ -567,18 +635,6 @@ def _check_adam_params(params):
     return params
 
 
-def _check_number(name, value, low, high=None, low_open=False):
-    """A real number (not a bool or a string) with low <= value < high (low < value if
-    ``low_open``): the hyperparameters of Adam, checked before the first step needs them."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"Adam: {name} must be a number, got {value!r} ({type(value).__name__})")
-    too_low = value <= low if low_open else value < low
-    if too_low or (high is not None and value >= high) or not math.isfinite(value):
-        interval = ("(" if low_open else "[") + f"{low}, " + (f"{high})" if high is not None
-                                                              else "inf)")
-        raise ValueError(f"Adam: {name} must be in {interval}, got {value}")
-
-
 class Adam:
     """Adam (Kingma and Ba, 2015), updating parameters in place.
 
@@ -591,12 +647,13 @@ class Adam:
 
     def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, clip_norm=None):
         self.params = _check_adam_params(params)
-        _check_number("lr", lr, low=0)  # 0 is allowed: the weights stay, batch-norm statistics move
-        _check_number("beta1", beta1, low=0, high=1)  # beta = 1: 1 - beta^t = 0 divides
-        _check_number("beta2", beta2, low=0, high=1)
-        _check_number("eps", eps, low=0)
+        # lr = 0 is allowed: the weights stay, batch-norm statistics move
+        _check_number("Adam", "lr", lr, low=0)
+        _check_number("Adam", "beta1", beta1, low=0, high=1)  # beta = 1: 1 - beta^t = 0 divides
+        _check_number("Adam", "beta2", beta2, low=0, high=1)
+        _check_number("Adam", "eps", eps, low=0)
         if clip_norm is not None:
-            _check_number("clip_norm", clip_norm, low=0, low_open=True)
+            _check_number("Adam", "clip_norm", clip_norm, low=0, low_open=True)
         # Python floats, whatever number type came in: a NumPy float64 next to float32
         # arrays would make float64 results (NumPy's promotion rules), which the fused
         # GPU kernel refuses; a Python float takes the arrays' dtype.

@@ -346,6 +346,61 @@ def test_batch_norm_input_checks():
     assert norm.eval()(Tensor(np.ones((1, 3), np.float32))).shape == (1, 3)  # fine in evaluation
 
 
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: BatchNorm(3, momentum=2), ValueError,
+     r"BatchNorm: momentum must be in \(0, 1\], got 2"),
+    (lambda: BatchNorm(3, momentum=-1), ValueError, r"BatchNorm: momentum must be in \(0, 1\]"),
+    (lambda: BatchNorm(3, momentum="a"), TypeError,
+     r"BatchNorm: momentum must be a number, got 'a'"),
+    (lambda: BatchNorm(3, eps=0), ValueError, r"BatchNorm: eps must be in \(0, inf\), got 0"),
+    (lambda: BatchNorm(3, eps=-1), ValueError, r"BatchNorm: eps must be in \(0, inf\), got -1"),
+    (lambda: BatchNorm(3, dtype=np.int32), TypeError, r"BatchNorm: dtype must be a floating-point"),
+    (lambda: GaussianLayer(3, 2, var_eps=-1), ValueError,
+     r"GaussianLayer: var_eps must be in \(0, inf\), got -1"),
+    (lambda: GaussianLayer(3, 2, batch_norm="no"), TypeError,
+     r"GaussianLayer: batch_norm must be True or False, got 'no'"),
+    (lambda: MLP(3, []), ValueError, r"MLP: sizes is empty"),
+    (lambda: MLP(3, 5), TypeError, r"MLP: sizes must be a list of layer sizes, e.g. \[512, 512\], "
+                                   r"got 5"),
+    (lambda: MLP(3, [4], batch_norm="yes"), TypeError,
+     r"MLP: batch_norm must be True or False, got 'yes'"),
+    (lambda: MLP(3, [4], slope=-5), ValueError, r"MLP: slope must be in \[0, 1\), got -5"),
+    (lambda: BatchNorm(3)(np.ones((4, 3), np.float32), slope=-5), ValueError,
+     r"batch_norm: slope must be in \[0, 1\), got -5"),
+    (lambda: Dense(2, 3, dtype=np.int32), TypeError,
+     r"Dense: dtype must be a floating-point type \(e.g. float32, float64\), got int32"),
+    (lambda: Dense(2, 3, dtype="foo"), TypeError, r"Dense: 'foo' is not a NumPy dtype"),
+    (lambda: Dense(2, 3, rng=5), TypeError,
+     r"Dense: rng must be a NumPy random generator \(np.random.default_rng\(seed\)\), got 5"),
+    (lambda: Dense(2, 3, bias="no"), TypeError, r"Dense: bias must be True or False, got 'no'"),
+    (lambda: Dense(2, 2).train("no"), TypeError, r"train: mode must be True or False, got 'no'"),
+    (lambda: Dense(2, 2).astype(np.int32), TypeError, r"astype: dtype must be a floating-point"),
+    (lambda: Dense(2, 2).load_state_dict("weight"), TypeError,
+     r"load_state_dict: state must be a dict of \{name: array\}.*got str"),
+    (lambda: Dense(2, 2).load_state_dict([1, 2]), TypeError, r"load_state_dict: .* got list"),
+    (lambda: Dense(2, 2).load_state_dict({"weight": "ab", "bias": np.zeros(2)}), TypeError,
+     r"load_state_dict: weight must be an array, got str"),
+], ids=["momentum 2", "momentum -1", "momentum str", "eps 0", "eps -1", "BatchNorm int dtype",
+        "var_eps -1", "GaussianLayer batch_norm str", "MLP no sizes", "MLP int sizes",
+        "MLP batch_norm str", "MLP slope", "batch_norm slope", "Dense int dtype",
+        "Dense unknown dtype", "Dense int rng", "Dense bias str", "train str", "astype int",
+        "load str", "load list", "load str value"])
+def test_settings_out_of_range_or_of_the_wrong_type_are_errors(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_edge_settings_are_accepted():
+    """momentum=None (exact averages) and 1 (the last batch only) are meaningful; NumPy
+    booleans are booleans; a float64 model is what gradient checks use."""
+    assert BatchNorm(3, momentum=None).momentum is None
+    assert BatchNorm(3, momentum=1).momentum == 1
+    assert not Dense(2, 2).train(np.bool_(False)).training
+    assert MLP(3, (4,), batch_norm=np.bool_(True), slope=0).batch_norm is True
+    assert Dense(2, 2).astype(np.float64).weight.dtype == np.float64
+    Dense(2, 2, rng=np.random.RandomState(0))
+
+
 def test_dense_accepts_a_plain_array_as_a_constant():
     layer = Dense(3, 2, rng=np.random.default_rng(12))
     x = np.random.default_rng(13).random((4, 3)).astype(np.float32)
