@@ -190,6 +190,10 @@ class Tensor:
         if not numeric:
             raise TypeError(f"Tensor data must be a NumPy or CuPy array of numbers, got "
                             f"{_describe(data)}; tensor() converts lists and numbers")
+        if requires_grad and data.dtype.kind != "f":  # else grads and updates round to integers
+            raise TypeError(f"a Tensor with requires_grad=True must hold floating-point numbers, "
+                            f"got dtype {data.dtype}: the gradient of an integer or boolean "
+                            f"is meaningless; convert first (tensor(data) gives float32)")
         self.data = data
         self.grad = None
         self.requires_grad = requires_grad
@@ -320,15 +324,21 @@ def tensor(data, requires_grad=False, dtype=None):
 
 def as_tensor(x, like=None):
     """Tensors pass through; a number, Python or NumPy scalar (2.0, np.float64(2)), next to
-    the Tensor ``like`` becomes a constant with its dtype, on its device (as PyTorch treats
-    numbers): a float32 model stays float32 on both devices. (NumPy 2 would make
-    float32 * np.float64(2) float64, and a float64 gradient then meets the float32 fused
-    GPU kernels.) A NumPy *array* does not move: mixing devices is an error."""
+    the floating-point Tensor ``like`` becomes a constant with its dtype, on its device (as
+    PyTorch treats numbers): a float32 model stays float32 on both devices. (NumPy 2 would
+    make float32 * np.float64(2) float64, and a float64 gradient then meets the float32
+    fused GPU kernels.) Next to an integer or boolean ``like`` a number promotes as in
+    NumPy 2 instead (int64 and 0.5 give float64): cast to int64, 0.5 would be 0.
+    A NumPy *array* does not move: mixing devices is an error."""
     if isinstance(x, Tensor):
         return x
     if like is not None and (not hasattr(x, "shape") or isinstance(x, np.generic)):
-        xp = get_array_module(like.data)  # one copy to the GPU, already in like's dtype
-        return Tensor(xp.asarray(_numeric_array(x), dtype=like.dtype))
+        array = _numeric_array(x)
+        dtype = like.dtype
+        if dtype.kind != "f":  # a Python number is "weak" here: int32 and 2 stay int32
+            dtype = np.result_type(dtype, x if np.isscalar(x) else array)
+        xp = get_array_module(like.data)  # one copy to the GPU, already in its final dtype
+        return Tensor(xp.asarray(array, dtype=dtype))
     return tensor(x)
 
 

@@ -702,6 +702,31 @@ def test_numbers_take_the_tensor_dtype(number):
         np.testing.assert_allclose(x.grad, [float(number) - 1 / float(number)] * 2, rtol=1e-6)
 
 
+def test_numbers_next_to_integer_tensors_promote_as_in_numpy():
+    """A number is cast to a *floating* Tensor's dtype, but an integer or boolean Tensor
+    would turn 0.5 into 0 (and 2.5 into 2): there NumPy 2's promotion applies instead."""
+    ints = Tensor(np.array([1, 2, 3]))
+    for got, expected in [((ints * 0.5).data, [0.5, 1.0, 1.5]),
+                          ((ints / 2.5).data, [0.4, 0.8, 1.2]),
+                          ((0.5 - ints).data, [-0.5, -1.5, -2.5]),
+                          ((ints * [0.5]).data, [0.5, 1.0, 1.5]),
+                          ((Tensor(np.array([True, False])) * 0.5).data, [0.5, 0.0])]:
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, expected)
+    assert (Tensor(np.array([1, 2], np.int32)) + 2).dtype == np.int32  # a Python int is "weak"
+
+
+def test_requires_grad_needs_floating_point_data():
+    """The gradient of an integer is meaningless (it was computed, and rounded, as one)."""
+    for make in (lambda: Tensor(np.arange(3), requires_grad=True),
+                 lambda: Tensor(np.array([True]), requires_grad=True),
+                 lambda: autograd.tensor(np.ones(3), dtype=np.int32, requires_grad=True)):
+        with pytest.raises(TypeError, match="requires_grad=True must hold floating-point "
+                                            "numbers, got dtype (int|bool)"):
+            make()
+    assert autograd.tensor(np.arange(3), requires_grad=True).dtype == np.float32
+
+
 def test_check_gradients_checks_every_input():
     """A wrong gradient for the *second* input is caught: every input is compared, not
     only the first."""
