@@ -342,6 +342,18 @@ def as_tensor(x, like=None):
     return tensor(x)
 
 
+def _input(op, x):
+    """A tensor input of ``op``: a Tensor passes through, a NumPy or CuPy array becomes a
+    constant (as next to a binary op), and anything else is a TypeError naming op, rather
+    than an AttributeError from inside it."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, get_array_module(x).ndarray):
+        return tensor(x)
+    raise TypeError(f"{op}: expected a Tensor or an array, got {type(x).__name__} "
+                    f"(tensor() converts lists and numbers)")
+
+
 NUMERIC_KINDS = "biuf"  # dtype kinds bool, int, unsigned, float: what arithmetic takes
 
 
@@ -531,6 +543,7 @@ def matmul(a, b):
 
 def neg(x):
     """-x."""
+    x = _input("neg", x)
     return record(-x.data, (x,), lambda g: (-g,))
 
 
@@ -538,6 +551,7 @@ def power(x, exponent):
     """x ** p for a constant number p;  d/dx = p * x^(p-1)."""
     if isinstance(exponent, Tensor) or not np.isscalar(exponent):
         raise TypeError("power: the exponent must be a number (Tensor ** Tensor is not supported)")
+    x = _input("power", x)
     out = x.data ** exponent
     return record(out, (x,), lambda g: (g * exponent * x.data ** (exponent - 1),))
 
@@ -547,30 +561,35 @@ def power(x, exponent):
 # ----------------------------------------------------------------------------------
 def exp(x):
     """e^x;  d/dx = e^x (the output itself)."""
+    x = _input("exp", x)
     out = get_array_module(x.data).exp(x.data)
     return record(out, (x,), lambda g: (g * out,))
 
 
 def log(x):
     """natural log;  d/dx = 1/x."""
+    x = _input("log", x)
     out = get_array_module(x.data).log(x.data)
     return record(out, (x,), lambda g: (g / x.data,))
 
 
 def log1p(x):
     """log(1 + x), accurate for small x;  d/dx = 1/(1 + x)."""
+    x = _input("log1p", x)
     out = get_array_module(x.data).log1p(x.data)
     return record(out, (x,), lambda g: (g / (1 + x.data),))
 
 
 def sqrt(x):
     """sqrt(x);  d/dx = 1/(2 sqrt(x))."""
+    x = _input("sqrt", x)
     out = get_array_module(x.data).sqrt(x.data)
     return record(out, (x,), lambda g: (g * 0.5 / out,))
 
 
 def square(x):
     """x^2;  d/dx = 2x."""
+    x = _input("square", x)
     out = x.data * x.data
     return record(out, (x,), lambda g: (g * 2 * x.data,))
 
@@ -599,12 +618,14 @@ def softplus_array(x):
 
 def sigmoid(x):
     """sigma(x) = 1/(1 + e^-x);  d/dx = sigma(x) (1 - sigma(x))."""
+    x = _input("sigmoid", x)
     out = sigmoid_array(x.data)
     return record(out, (x,), lambda g: (g * out * (1 - out),))
 
 
 def softplus(x):
     """log(1 + e^x), stable for large |x|;  d/dx = sigma(x)."""
+    x = _input("softplus", x)
     out = softplus_array(x.data)
     return record(out, (x,), lambda g: (g * sigmoid_array(x.data),))
 
@@ -617,6 +638,7 @@ def leaky_relu(x, slope=0.01):
     """
     if not 0 <= slope < 1:
         raise ValueError(f"leaky_relu: slope must be in [0, 1), got {slope}")
+    x = _input("leaky_relu", x)
     xp = get_array_module(x.data)
     out = xp.maximum(x.data, x.data * slope)
 
@@ -642,12 +664,14 @@ def _expand_reduced(g, shape, axis, keepdims):
 
 def sum(x, axis=None, keepdims=False):  # noqa: A001 (shadows builtins.sum on purpose, like np.sum)
     """Sum over axis (all axes if None);  d/dx = 1 for every summed element."""
+    x = _input("sum", x)
     out = x.data.sum(axis=axis, keepdims=keepdims)
     return record(out, (x,), lambda g: (_expand_reduced(g, x.shape, axis, keepdims),))
 
 
 def mean(x, axis=None, keepdims=False):
     """Mean over axis;  d/dx = 1/n for each of the n averaged elements."""
+    x = _input("mean", x)
     out = x.data.mean(axis=axis, keepdims=keepdims)
     n = x.data.size // max(out.size, 1)
     return record(out, (x,), lambda g: (_expand_reduced(g / n, x.shape, axis, keepdims),))
@@ -658,6 +682,7 @@ def logsumexp(x, axis=None, keepdims=False):
 
     d/dx_i = e^{x_i - out} (the softmax).
     """
+    x = _input("logsumexp", x)
     xp = get_array_module(x.data)
     m = x.data.max(axis=axis, keepdims=True)
     # a row of all -inf: the forward gives -inf instead of inf - inf = nan (its gradient,
@@ -683,6 +708,7 @@ def _reduced_shape(shape, axis):
 # ----------------------------------------------------------------------------------
 def reshape(x, shape):
     """Same values, new shape;  the gradient is reshaped back."""
+    x = _input("reshape", x)
     try:
         out = x.data.reshape(shape)
     except ValueError:
@@ -692,6 +718,7 @@ def reshape(x, shape):
 
 def transpose(x, axes=None):
     """Permute axes (reverse them if None);  the gradient is permuted back."""
+    x = _input("transpose", x)
     if axes is not None:
         axes = tuple(a % x.ndim for a in axes)  # (-1, 0, 1) -> (2, 0, 1): argsort needs these
     out = x.data.transpose(axes)
@@ -701,6 +728,7 @@ def transpose(x, axes=None):
 
 def getitem(x, index):
     """x[index] (slices, integers, integer arrays);  the gradient is scattered back."""
+    x = _input("getitem", x)
     if isinstance(index, Tensor):
         index = index.data
     check_same_device("getitem", x, index)  # an index array must live where x does
@@ -716,7 +744,7 @@ def getitem(x, index):
 
 def concatenate(tensors, axis=0):
     """Join tensors along an axis;  each gets its slice of the gradient back."""
-    tensors = tuple(as_tensor(t) for t in tensors)
+    tensors = tuple(_input("concatenate", t) for t in tensors)
     check_same_device("concatenate", *tensors)
     xp = get_array_module(tensors[0].data)
     try:

@@ -447,6 +447,29 @@ def test_data_that_is_not_numbers_is_refused():
     assert autograd.tensor(True).dtype == np.float32 and (x + np.int64(2)).dtype == np.float32
 
 
+ONE_INPUT_OPS = [(name, getattr(autograd, name)) for name in (
+    "exp", "log", "log1p", "sqrt", "square", "sigmoid", "softplus", "leaky_relu", "neg",
+    "sum", "mean", "logsumexp", "transpose")] + [
+    ("power", lambda x: autograd.power(x, 2)), ("reshape", lambda x: autograd.reshape(x, -1)),
+    ("getitem", lambda x: autograd.getitem(x, 0)),
+    ("concatenate", lambda x: concatenate([x, x]))]
+
+
+@pytest.mark.parametrize("name, op", ONE_INPUT_OPS, ids=[o[0] for o in ONE_INPUT_OPS])
+def test_every_op_takes_an_array_as_a_constant_and_refuses_other_types(xp, name, op):
+    """As binary ops do, every op takes a NumPy or CuPy array in place of a Tensor (a
+    constant); anything else is a TypeError naming the op and the type, not an
+    AttributeError about .data from inside it."""
+    x = xp.asarray(sample((2, 3), "positive"))
+    out = op(x)
+    np.testing.assert_array_equal(to_numpy(out.data), to_numpy(op(Tensor(x)).data))
+    assert not out.requires_grad and get_array_module(out) is xp
+    for bad, type_name in (("a", "str"), (None, "NoneType"), ([1.0, 2.0], "list")):
+        with pytest.raises(TypeError, match=f"{name}: expected a Tensor or an array, got "
+                                            f"{type_name}"):
+            op(bad)
+
+
 def test_item_of_any_one_element_tensor(xp):
     """backward() accepts any one-element result as the scalar loss; item() reads it back."""
     x = Tensor(xp.ones((1, 3)), requires_grad=True)
