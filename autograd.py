@@ -654,27 +654,45 @@ def leaky_relu(x, slope=0.01):
 # ----------------------------------------------------------------------------------
 # Reductions
 # ----------------------------------------------------------------------------------
-def _expand_reduced(g, shape, axis, keepdims):
-    """Broadcast the gradient of a reduction back over the reduced axes."""
-    if axis is not None and not keepdims:
-        axes = (axis,) if np.isscalar(axis) else axis
-        g = get_array_module(g).expand_dims(g, tuple(a % len(shape) for a in axes))
+def _axes(op, shape, axis):
+    """``axis`` (None, an int, or a tuple or list of ints) as a tuple of axes of ``shape``
+    counted from 0 (None stays None: all axes). An axis the shape does not have, or one
+    given twice, is an error naming op, axis and shape, not NumPy's from deep inside."""
+    if axis is None:
+        return None
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    if not all(isinstance(a, (int, np.integer)) for a in axes):
+        raise TypeError(f"{op}: axis must be an int or a tuple of ints, got {axis!r}")
+    if not all(-len(shape) <= a < len(shape) for a in axes):
+        raise ValueError(f"{op}: axis {axis} is out of range for shape {shape}")
+    axes = tuple(int(a) % len(shape) for a in axes)  # -1 -> the last axis
+    if len(set(axes)) < len(axes):
+        raise ValueError(f"{op}: axis {axis} names an axis twice (shape {shape})")
+    return axes
+
+
+def _expand_reduced(g, shape, axes, keepdims):
+    """Broadcast the gradient of a reduction back over the reduced axes (from _axes)."""
+    if axes is not None and not keepdims:
+        g = get_array_module(g).expand_dims(g, axes)
     return get_array_module(g).broadcast_to(g, shape)
 
 
 def sum(x, axis=None, keepdims=False):  # noqa: A001 (shadows builtins.sum on purpose, like np.sum)
     """Sum over axis (all axes if None);  d/dx = 1 for every summed element."""
     x = _input("sum", x)
-    out = x.data.sum(axis=axis, keepdims=keepdims)
-    return record(out, (x,), lambda g: (_expand_reduced(g, x.shape, axis, keepdims),))
+    axes = _axes("sum", x.shape, axis)
+    out = x.data.sum(axis=axes, keepdims=keepdims)
+    return record(out, (x,), lambda g: (_expand_reduced(g, x.shape, axes, keepdims),))
 
 
 def mean(x, axis=None, keepdims=False):
     """Mean over axis;  d/dx = 1/n for each of the n averaged elements."""
     x = _input("mean", x)
-    out = x.data.mean(axis=axis, keepdims=keepdims)
+    axes = _axes("mean", x.shape, axis)
+    out = x.data.mean(axis=axes, keepdims=keepdims)
     n = x.data.size // max(out.size, 1)
-    return record(out, (x,), lambda g: (_expand_reduced(g / n, x.shape, axis, keepdims),))
+    return record(out, (x,), lambda g: (_expand_reduced(g / n, x.shape, axes, keepdims),))
 
 
 def logsumexp(x, axis=None, keepdims=False):
@@ -683,24 +701,22 @@ def logsumexp(x, axis=None, keepdims=False):
     d/dx_i = e^{x_i - out} (the softmax).
     """
     x = _input("logsumexp", x)
+    axes = _axes("logsumexp", x.shape, axis)
+    if 0 in (x.shape if axes is None else [x.shape[a] for a in axes]):
+        raise ValueError(f"logsumexp: cannot reduce shape {x.shape} over axis {axis}: an "
+                         f"axis of length 0 has no maximum to shift by")
     xp = get_array_module(x.data)
-    m = x.data.max(axis=axis, keepdims=True)
+    m = x.data.max(axis=axes, keepdims=True)
     # a row of all -inf: the forward gives -inf instead of inf - inf = nan (its gradient,
     # the softmax of all -inf, is undefined and stays nan)
     m = xp.where(xp.isfinite(m), m, 0)
-    out_kept = xp.log(xp.exp(x.data - m).sum(axis=axis, keepdims=True)) + m
-    out = out_kept if keepdims else out_kept.reshape(_reduced_shape(x.shape, axis))
+    out_kept = xp.log(xp.exp(x.data - m).sum(axis=axes, keepdims=True)) + m
+    out = out_kept if keepdims else out_kept.reshape(
+        () if axes is None else [n for i, n in enumerate(x.shape) if i not in axes])
 
     def backward(g):
         return (g.reshape(out_kept.shape) * xp.exp(x.data - out_kept),)
     return record(out, (x,), backward)
-
-
-def _reduced_shape(shape, axis):
-    if axis is None:
-        return ()
-    axes = {a % len(shape) for a in ((axis,) if np.isscalar(axis) else axis)}
-    return tuple(n for i, n in enumerate(shape) if i not in axes)
 
 
 # ----------------------------------------------------------------------------------
@@ -720,7 +736,12 @@ def transpose(x, axes=None):
     """Permute axes (reverse them if None);  the gradient is permuted back."""
     x = _input("transpose", x)
     if axes is not None:
-        axes = tuple(a % x.ndim for a in axes)  # (-1, 0, 1) -> (2, 0, 1): argsort needs these
+        # (-1, 0, 1) -> (2, 0, 1): argsort needs these, and a % ndim alone would take
+        # axis 5 of a 2-D x for axis 1
+        given, axes = axes, _axes("transpose", x.shape, axes)
+        if len(axes) != x.ndim:
+            raise ValueError(f"transpose: axes {given} are not an order of all the "
+                             f"{x.ndim} axes of shape {x.shape}")
     out = x.data.transpose(axes)
     inverse = None if axes is None else tuple(np.argsort(axes))
     return record(out, (x,), lambda g: (g.transpose(inverse),))

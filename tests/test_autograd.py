@@ -412,6 +412,36 @@ def test_other_shape_errors(xp):
         bernoulli_log_prob(t, Tensor(xp.ones(3)))
 
 
+BAD_AXES = [("sum", lambda t: t.sum(axis=2), r"axis 2 is out of range for shape \(2, 3\)"),
+            ("sum", lambda t: t.sum(axis=-3), r"axis -3 is out of range"),
+            ("sum", lambda t: t.sum(axis=(0, 0)), r"axis \(0, 0\) names an axis twice"),
+            ("sum", lambda t: t.sum(axis=(0, -2)), r"axis \(0, -2\) names an axis twice"),
+            ("sum", lambda t: t.sum(axis="a"), "axis must be an int or a tuple of ints, got 'a'"),
+            ("mean", lambda t: t.mean(axis=5), r"axis 5 is out of range for shape \(2, 3\)"),
+            ("logsumexp", lambda t: logsumexp(t, axis=3), r"axis 3 is out of range"),
+            ("transpose", lambda t: t.transpose(1, 2), r"axis \(1, 2\) is out of range"),
+            ("transpose", lambda t: t.transpose(0, 0), r"axis \(0, 0\) names an axis twice"),
+            ("transpose", lambda t: t.transpose(0), r"axes \(0,\) are not an order of all the 2")]
+
+
+@pytest.mark.parametrize("op, call, message", BAD_AXES,
+                         ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(BAD_AXES)])
+def test_bad_axis_names_op_axis_and_shape(xp, op, call, message):
+    """NumPy's own error would come from inside its reduction code; and transpose(1, 2) of
+    a 2-D tensor once silently transposed it (2 % 2 = 0 made the axes (1, 0))."""
+    with pytest.raises((TypeError, ValueError), match=f"{op}: {message}"):
+        call(Tensor(xp.ones((2, 3))))
+
+
+def test_logsumexp_over_an_empty_axis_is_a_clear_error(xp):
+    """Its max shift has nothing to take the maximum of (NumPy: "zero-size array to
+    reduction operation maximum"); reducing a non-empty axis of an empty tensor is fine."""
+    empty = Tensor(xp.zeros((0, 3)))
+    with pytest.raises(ValueError, match=r"logsumexp: cannot reduce shape \(0, 3\) over axis 0"):
+        logsumexp(empty, axis=0)
+    assert logsumexp(empty, axis=1).shape == (0,)
+
+
 def test_other_usage_errors():
     with pytest.raises(TypeError, match="exponent must be a number"):
         Tensor(np.ones(2)) ** Tensor(np.ones(2))
