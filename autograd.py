@@ -765,14 +765,23 @@ def getitem(x, index):
 
 def concatenate(tensors, axis=0):
     """Join tensors along an axis;  each gets its slice of the gradient back."""
+    if not isinstance(tensors, (list, tuple)):  # a Tensor would be iterated row by row
+        raise TypeError(f"concatenate: expected a list or tuple of tensors, got "
+                        f"{type(tensors).__name__}")
+    if not tensors:
+        raise ValueError("concatenate: expected at least one tensor, got none")
     tensors = tuple(_input("concatenate", t) for t in tensors)
     check_same_device("concatenate", *tensors)
+    if not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"concatenate: axis must be an int, got {axis!r}")
+    _axes("concatenate", tensors[0].shape, axis)
     xp = get_array_module(tensors[0].data)
     try:
         out = xp.concatenate([t.data for t in tensors], axis=axis)
-    except ValueError:
+    except ValueError:  # a different ndim, or a different length on another axis
         shapes = ", ".join(str(t.shape) for t in tensors)
-        raise ValueError(f"concatenate: shapes {shapes} do not match along axis {axis}") from None
+        raise ValueError(f"concatenate: shapes {shapes} must match on every axis but "
+                         f"axis {axis}") from None
     bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
     return record(out, tensors, lambda g: tuple(xp.split(g, bounds, axis=axis)))
 

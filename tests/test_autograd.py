@@ -442,6 +442,24 @@ def test_logsumexp_over_an_empty_axis_is_a_clear_error(xp):
     assert logsumexp(empty, axis=1).shape == (0,)
 
 
+def test_concatenate_usage_errors(xp):
+    """An empty list once raised IndexError (tensors[0]), a Tensor was silently joined row
+    by row, and an axis the tensors lack was reported as shapes that "do not match"."""
+    t = Tensor(xp.ones((2, 3)))
+    with pytest.raises(ValueError, match="concatenate: expected at least one tensor, got none"):
+        concatenate([])
+    with pytest.raises(TypeError, match="concatenate: expected a list or tuple of tensors, "
+                                        "got Tensor"):
+        concatenate(t)
+    with pytest.raises(ValueError, match=r"concatenate: axis 5 is out of range for shape \(2, 3\)"):
+        concatenate([t, t], axis=5)
+    with pytest.raises(TypeError, match=r"concatenate: axis must be an int, got \(0,\)"):
+        concatenate([t, t], axis=(0,))
+    with pytest.raises(ValueError, match=r"concatenate: shapes \(2, 3\), \(3,\) must match on "
+                                         r"every axis but axis 0"):
+        concatenate([t, Tensor(xp.ones(3))])
+
+
 def test_other_usage_errors():
     with pytest.raises(TypeError, match="exponent must be a number"):
         Tensor(np.ones(2)) ** Tensor(np.ones(2))
