@@ -23,6 +23,7 @@ Nothing is recorded inside ``with no_grad():``.
 New ops are written with ``record(out_array, parents, backward)``: see any op below.
 """
 import contextlib
+import numbers
 import re
 
 import numpy as np
@@ -549,8 +550,9 @@ def neg(x):
 
 def power(x, exponent):
     """x ** p for a constant number p;  d/dx = p * x^(p-1)."""
-    if isinstance(exponent, Tensor) or not np.isscalar(exponent):
-        raise TypeError("power: the exponent must be a number (Tensor ** Tensor is not supported)")
+    if not isinstance(exponent, numbers.Real):  # np.isscalar would pass a string
+        raise TypeError(f"power: the exponent must be a number (Tensor ** Tensor is not "
+                        f"supported), got {type(exponent).__name__}")
     x = _input("power", x)
     out = x.data ** exponent
     return record(out, (x,), lambda g: (g * exponent * x.data ** (exponent - 1),))
@@ -636,8 +638,8 @@ def leaky_relu(x, slope=0.01):
     Written as max(x, slope x) and a 0/1 mask times (1 - slope) plus slope: boolean
     selection (np.where) is ten times slower than this arithmetic on NumPy.
     """
-    if not 0 <= slope < 1:
-        raise ValueError(f"leaky_relu: slope must be in [0, 1), got {slope}")
+    if not (isinstance(slope, numbers.Real) and 0 <= slope < 1):
+        raise ValueError(f"leaky_relu: slope must be a number in [0, 1), got {slope!r}")
     x = _input("leaky_relu", x)
     xp = get_array_module(x.data)
     out = xp.maximum(x.data, x.data * slope)

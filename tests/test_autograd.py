@@ -463,6 +463,11 @@ def test_concatenate_usage_errors(xp):
 def test_other_usage_errors():
     with pytest.raises(TypeError, match="exponent must be a number"):
         Tensor(np.ones(2)) ** Tensor(np.ones(2))
+    with pytest.raises(TypeError, match=r"power: the exponent must be a number .*got str"):
+        Tensor(np.ones(2)) ** "a"  # once NumPy's "ufunc 'power' not supported"
+    with pytest.raises(ValueError, match=r"leaky_relu: slope must be a number in \[0, 1\), "
+                                         r"got 'a'"):
+        autograd.leaky_relu(Tensor(np.ones(2)), slope="a")  # once "'<=' not supported"
     with pytest.raises(TypeError, match="at least one operand must be a Tensor"):
         autograd.add(1.0, 2.0)
 
