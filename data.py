@@ -412,6 +412,30 @@ def load_dataset(name, root=None):
 # Binarisation and minibatches
 # --------------------------------------------------------------------------
 
+def _check_rng(rng):
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(0)), "
+                        f"got {type(rng).__name__}")
+
+
+def _check_pixels(x):
+    """Refuse pixels that are not probabilities: np.less below would silently turn 0..255
+    grey levels into all-ones images, and negatives or NaN into zeros.  Reading the min
+    and max costs ~0.05 ms per batch of 256 images: 5% of binarize itself, and 0.2% of
+    a ~30 ms training step on the CPU."""
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"binarize: x must be an array of numbers, got dtype {x.dtype}")
+    if x.size == 0:
+        return
+    low, high = x.min(), x.max()  # NaN propagates to both
+    if np.isnan(low) or np.isnan(high):
+        raise ValueError("binarize: x contains NaN; pixel values must be in [0, 1]")
+    if low < 0 or high > 1:
+        hint = " (0..255 grey levels? divide by 255 first)" if low >= 0 and high <= 255 else ""
+        raise ValueError(f"binarize: pixel values must be in [0, 1], found [{low:g}, {high:g}]"
+                         f"{hint}")
+
+
 def binarize(x, rng):
     """One Bernoulli draw per pixel with probability ``x``: float32 0/1 array.
 
@@ -419,7 +443,10 @@ def binarize(x, rng):
     comparing in place avoids any float64 or boolean temporary (about 0.12 s
     for all of MNIST's training set).
     """
-    u = rng.random(np.shape(x), dtype=np.float32)
+    _check_rng(rng)
+    x = np.asarray(x)
+    _check_pixels(x)
+    u = rng.random(x.shape, dtype=np.float32)
     np.less(u, x, out=u)   # P(u < x) = x; writes 0.0 / 1.0 into u
     return u
 

@@ -309,6 +309,28 @@ def test_binarize_draws_differ():
     assert not np.array_equal(data.binarize(x, rng), data.binarize(x, rng))
 
 
+@pytest.mark.parametrize("x, error, message", [
+    # 0..255 grey levels would silently give all-ones images, NaN and negatives all zeros
+    (np.array([[0, 128, 255]], np.uint8), ValueError,
+     r"found \[0, 255\] \(0..255 grey levels\? divide by 255 first\)"),
+    (np.array([[0.5, 1.5]]), ValueError, r"found \[0.5, 1.5\]"),
+    (np.array([[-1.0, 0.5]]), ValueError, r"found \[-1, 0.5\]$"),
+    (np.array([[np.nan, 0.5]]), ValueError, "x contains NaN"),
+    (np.array([["a"]]), TypeError, "x must be an array of numbers, got dtype <U1"),
+])
+def test_binarize_refuses_pixels_that_are_not_probabilities(x, error, message):
+    with pytest.raises(error, match="binarize: .*" + message):
+        data.binarize(x, np.random.default_rng(0))
+
+
+def test_binarize_needs_a_generator():
+    x = np.full((4, 3), 0.5, np.float32)
+    for rng in (None, 0, np.random.RandomState(0)):
+        with pytest.raises(TypeError, match=r"rng must be a numpy.random.Generator \(e.g. "
+                                            r"np.random.default_rng\(0\)\), got"):
+            data.binarize(x, rng)
+
+
 def test_fixed_test_binarisation_is_reproducible(mnist):
     a = data.binarized_test_set(mnist.test_x)
     b = data.binarized_test_set(mnist.test_x)
