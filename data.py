@@ -158,6 +158,13 @@ def read_idx(path):
     return _parse_idx(_read_bytes(path), path)
 
 
+def _as_path(root, what):
+    """``root`` as a Path; Path(5) would fail deep inside pathlib, so name the argument."""
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"{what} (a str or Path), got {root!r} ({type(root).__name__})")
+    return Path(root)
+
+
 def _find_file(folder, name):
     """``folder/name.gz`` if present, else ``folder/name``, else None."""
     for candidate in (Path(folder) / (name + ".gz"), Path(folder) / name):
@@ -260,7 +267,7 @@ def _verified_mnist_bytes(folder, name):
 def load_mnist(root=None):
     """Load MNIST (60000 train / 10000 test) from ``root`` (default: the copy
     shipped in data/mnist), verifying each file's SHA-256 first."""
-    folder = Path(root) if root is not None else MNIST_DIR
+    folder = _as_path(root, "load_mnist: root must be a folder") if root is not None else MNIST_DIR
     key = ("mnist", str(folder.resolve()))
     if key not in _CACHE:
         f = {name: _verified_mnist_bytes(folder, name) for name in IDX_FILES}
@@ -294,7 +301,8 @@ def load_fashion_mnist(root=None):
     (/usr/share/datasets/fashion-mnist).  The first folder
     that holds all four IDX files (raw or .gz) is used.
     """
-    folders = [Path(root)] if root is not None else _fashion_mnist_candidates()
+    folders = ([_as_path(root, "load_fashion_mnist: root must be a folder")] if root is not None
+               else _fashion_mnist_candidates())
     for folder in folders:
         if all(_find_file(folder, f) for f in IDX_FILES):
             key = ("fashion_mnist", str(folder.resolve()))
@@ -359,7 +367,7 @@ def load_omniglot(path=None):
     the models here are unsupervised.  Needs SciPy to read the .mat file.
     """
     if path is not None:
-        path = Path(path)
+        path = _as_path(path, "load_omniglot: path must be chardata.mat or its folder")
         candidates = [path / "chardata.mat" if path.is_dir() else path]
     else:
         candidates = _omniglot_candidates()
@@ -403,7 +411,7 @@ LOADERS = {
 def load_dataset(name, root=None):
     """Load data set ``name`` ('mnist', 'fashion_mnist' or 'omniglot');
     ``root`` is passed to its loader (a folder, or chardata.mat for OMNIGLOT)."""
-    if name not in LOADERS:
+    if not isinstance(name, str) or name not in LOADERS:  # a list is not even hashable
         raise DataError(f"unknown data set {name!r}; valid names: {', '.join(LOADERS)}")
     return LOADERS[name](root)
 

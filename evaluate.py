@@ -92,6 +92,9 @@ def main(argv):
 
     net, config = load_model(args.checkpoint, args.device)
     root = args.data_root if args.data_root is not None else config.get("data_root")
+    if not isinstance(root, (str, type(None))):  # only the checkpoint's can be another type
+        raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint} is corrupt: its "
+                                         f"data_root is {root!r}, not a folder name")
     ds = data.load_dataset(config["dataset"], root or None)
     test_x = data.binarized_test_set(ds.test_x)
     if args.images:

@@ -292,6 +292,23 @@ def test_unknown_dataset_name():
         assert name in str(e.value)
 
 
+@pytest.mark.parametrize("load, message", [
+    (data.load_mnist, r"load_mnist: root must be a folder \(a str or Path\), got 5 \(int\)"),
+    (data.load_fashion_mnist, r"load_fashion_mnist: root must be a folder .*got 5 \(int\)"),
+    (data.load_omniglot, r"load_omniglot: path must be chardata.mat or its folder .*got 5"),
+    (lambda root: data.load_dataset("mnist", root), r"load_mnist: root must be a folder"),
+])
+def test_a_root_that_is_not_a_path_is_named(load, message):
+    """Path(5) used to fail deep inside pathlib (a corrupt checkpoint's data_root)."""
+    with pytest.raises(TypeError, match=message):
+        load(5)
+
+
+def test_a_dataset_name_that_is_not_a_string_is_unknown():
+    with pytest.raises(DataError, match=r"unknown data set \['mnist'\]; valid names: mnist"):
+        data.load_dataset(["mnist"])  # was "unhashable type: 'list'"
+
+
 # ---------------------------------------------------------------- binarisation
 
 def test_binarize_values_and_mean(mnist):

@@ -74,6 +74,13 @@ def test_config_of_the_wrong_type_is_a_checkpoint_error(tmp_path, key, value, me
         evaluate.load_model(ckpt)
 
 
+def test_data_root_of_the_wrong_type_is_an_error_line_without_traceback(tmp_path):
+    """A data_root that is not a folder name is a corrupt checkpoint (it used to be a
+    TypeError traceback from pathlib)."""
+    ckpt = write_checkpoint(tmp_path / "ckpt.npz", {**CONFIG, "data_root": 3})
+    assert_clean_error(run_script(ckpt), "is corrupt: its data_root is 3, not a folder name")
+
+
 def test_missing_data_is_an_error_line_without_traceback(tmp_path):
     (tmp_path / "empty").mkdir()
     ckpt = write_checkpoint(tmp_path / "ckpt.npz",
