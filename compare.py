@@ -13,6 +13,7 @@ Prints a Markdown table of the runs and writes one PNG (see plots.compare_runs).
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,6 +29,28 @@ FINAL_TYPES = {"epoch": int, "test_elbo": (int, float), "test_lk": (int, float),
 
 class RunError(ValueError):
     pass
+
+
+def is_number(value):
+    """A finite int or float: bool is an int to Python, and a NaN would make the figure's
+    axis limits NaN."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def check_record(record, where):
+    """An epoch's record as the figure reads it, checked before the table is printed:
+    an integer epoch and a train_elbo, and test_elbo, test_lk where the epoch was
+    evaluated (elsewhere absent or None), all numbers."""
+    if not (isinstance(record, dict) and isinstance(record.get("epoch"), int)):
+        raise RunError(f"{where}: not an epoch's record (an object with an integer epoch, "
+                       f"as train.py writes)")
+    if record.get("train_elbo") is None:
+        raise RunError(f"{where}: the record has no train_elbo")
+    for key in ("train_elbo", "test_elbo", "test_lk"):
+        value = record.get(key)
+        if value is not None and not is_number(value):
+            raise RunError(f"{where}: {key} is {value!r}, not a number")
 
 
 def read_run(folder):
@@ -49,9 +72,7 @@ def read_run(folder):
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RunError(f"{metrics_path}, line {n}: not JSON ({e.msg})") from None
-            if not (isinstance(record, dict) and isinstance(record.get("epoch"), int)):
-                raise RunError(f"{metrics_path}, line {n}: not an epoch's record (an object "
-                               f"with an integer epoch, as train.py writes)")
+            check_record(record, f"{metrics_path}, line {n}")
             metrics.append(record)
     if not metrics:
         raise RunError(f"{metrics_path} is empty: the run has not finished an epoch")

@@ -119,7 +119,7 @@ def test_malformed_run_files_are_named(tmp_path):
     run = make_run(tmp_path / "run", final(-90))
     with pytest.raises(compare.RunError, match="ckpt.npz is a file: give the run's folder"):
         compare.read_run(Path(run) / "ckpt.npz")
-    (Path(run) / "metrics.jsonl").write_text('{"epoch": 1}\n[1, 2]\n')
+    (Path(run) / "metrics.jsonl").write_text('{"epoch": 1, "train_elbo": -100}\n[1, 2]\n')
     with pytest.raises(compare.RunError, match="line 2: not an epoch's record"):
         compare.read_run(run)
     run = make_run(tmp_path / "typed", {**final(-90), "test_elbo": "x"})
@@ -182,6 +182,27 @@ def test_a_metrics_record_needs_an_integer_epoch(tmp_path, record):
         f.write(record + "\n")
     with pytest.raises(compare.RunError, match="line 1: not an epoch's record"):
         compare.read_run(run_dir)
+
+
+@pytest.mark.parametrize("record, message", [
+    ('{"epoch": 1, "train_elbo": "abc"}', "train_elbo is 'abc', not a number"),
+    ('{"epoch": 1, "train_elbo": -90, "test_lk": [1]}', r"test_lk is \[1\], not a number"),
+    ('{"epoch": 1, "train_elbo": -90, "test_elbo": true}', "test_elbo is True, not a number"),
+    ('{"epoch": 1, "train_elbo": NaN}', "train_elbo is nan, not a number"),
+    ('{"epoch": 1, "train_elbo": null}', "the record has no train_elbo"),
+    ('{"epoch": 1}', "the record has no train_elbo"),
+])
+def test_a_bad_metrics_record_is_refused_before_the_table(tmp_path, capsys, record, message):
+    """A value the figure cannot plot used to end in a TypeError traceback from plots.py,
+    and a record without train_elbo in an error printed after the table."""
+    good = make_run(tmp_path / "good")
+    bad = make_run(tmp_path / "bad")
+    with open(os.path.join(bad, "metrics.jsonl"), "a") as f:
+        f.write(record.replace('"epoch": 1', '"epoch": 13') + "\n")
+    with pytest.raises(compare.RunError, match=f"metrics.jsonl, line 13: {message}"):
+        compare.main([good, bad, "--out", str(tmp_path / "cmp.png")])
+    assert capsys.readouterr().out == ""  # nothing printed before the error
+    assert not (tmp_path / "cmp.png").exists()
 
 
 @pytest.mark.parametrize("key, value", [("test_elbo", True), ("lk_samples", 1000.5),
