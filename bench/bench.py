@@ -43,7 +43,32 @@ def parse_args(argv):
                         "OPENBLAS_NUM_THREADS/OMP_NUM_THREADS/MKL_NUM_THREADS are already "
                         "set, for NumPy's BLAS (default 2: the 2-core target machine)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the PyTorch process
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # checked now, not when they are used: the report is written after minutes of work
+    if args.threads < 1:
+        p.error(f"argument --threads: must be >= 1, got {args.threads}")
+    problem = args.out and _unwritable(args.out)
+    if problem:
+        p.error(f"argument --out: {problem}")
+    return args
+
+
+def _unwritable(path):
+    """Why the report could not be written to ``path``, or None. Report.write makes the
+    missing folders, so the nearest folder that exists must be one we can write in."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return f"{path} is a folder; give a file name"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"no permission to write {path}"
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK):
+        return f"no permission to write in {folder}"
+    return None
 
 
 ARGS = parse_args(sys.argv[1:])
