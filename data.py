@@ -422,8 +422,8 @@ def load_dataset(name, root=None):
 
 def _check_rng(rng):
     if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(0)), "
-                        f"got {type(rng).__name__}")
+        raise TypeError(f"rng must be a numpy.random.Generator (e.g. "
+                        f"np.random.default_rng(0)), got {type(rng).__name__}")
 
 
 def _check_pixels(x):

@@ -72,6 +72,14 @@ def _check_sizes(name, values, example):
     return tuple(_check_int(f"{name}[{i}]", v) for i, v in enumerate(values))
 
 
+def _check_noise(who, noise):
+    """Any object with Noise's methods will do (tests and bench/ bring their own); None or
+    a seed would fail later as "'NoneType' object has no attribute 'normal'"."""
+    if not callable(getattr(noise, "normal", None)):
+        raise TypeError(f"{who}: noise must be an lvae.Noise (the random stream of the "
+                        f"samples, e.g. lvae.Noise(0)), got {type(noise).__name__}")
+
+
 def _is_array(x):
     """True for a NumPy or a CuPy array."""
     return isinstance(x, get_array_module(x).ndarray)
@@ -95,7 +103,7 @@ class Noise:
     """
 
     def __init__(self, seed=0):
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(_check_int("Noise: seed", seed, minimum=0))
         self._gpu_rng = None
         self._reseed = True
 
@@ -255,11 +263,7 @@ class HierarchicalModel(Module):
         if kl not in ("analytic", "sample"):
             raise ValueError(f"kl must be 'analytic' or 'sample', not {kl!r}")
         samples = _check_int("samples", samples)
-        # any object with Noise's methods will do (tests and bench/ bring their own)
-        if not callable(getattr(noise, "normal", None)):
-            raise TypeError(f"{type(self).__name__}: noise must be an lvae.Noise (the random "
-                            f"stream of the samples, e.g. lvae.Noise(0)), got "
-                            f"{type(noise).__name__}")
+        _check_noise(type(self).__name__, noise)
         layers = self.infer(x, noise, samples, kl)
         logits = self.decode(layers.z[0])
         xp = get_array_module(x.data)
@@ -428,6 +432,7 @@ def log_likelihood_bound(model, x, samples=5000, noise=None, batch_size=100,
     x = x.data if isinstance(x, Tensor) else x
     model._check_batch(x, on_host=True)  # once, here on the host even for a GPU model
     noise = noise if noise is not None else Noise(0)
+    _check_noise("log_likelihood_bound", noise)
     xp = get_array_module(model.output.weight.data)
     if max_rows is None:
         max_rows = MAX_ROWS["cpu" if xp is np else "cuda"]
@@ -524,14 +529,20 @@ def active_units(model, x, noise, threshold=0.01, samples=10):
     is 0, which is the test for that collapse. Early in training nearly every unit
     counts as active; KL per unit tells more then.
     """
-    if samples < 2:
-        raise ValueError(f"active_units needs samples >= 2 to estimate the sampling noise it "
-                         f"subtracts, got samples={samples}")
-    if len(x) < 2:
+    samples = _check_int("active_units: samples, the draws that estimate the sampling noise "
+                         "it subtracts,", samples, minimum=2)
+    # bool is an int to Python; a NaN threshold would silently count no unit as active
+    real = (isinstance(threshold, (int, float, np.integer, np.floating))
+            and not isinstance(threshold, bool))
+    if not (real and math.isfinite(threshold)):
+        raise TypeError(f"active_units: threshold must be a finite number (the activity above "
+                        f"which a unit is active, e.g. 0.01), got {threshold!r}")
+    draws = posterior_mean_draws(model, x, noise, samples)  # checks x (forward does)
+    if draws[0].shape[1] < 2:
         raise ValueError(f"active_units needs 2 images or more (A_u is a variance over x), "
-                         f"got {len(x)}")
+                         f"got {draws[0].shape[1]}")
     activity = []
-    for mu in posterior_mean_draws(model, x, noise, samples):
+    for mu in draws:
         sampling_noise = mu.var(axis=0, ddof=1).mean(axis=0) / samples
         activity.append(mu.mean(axis=0).var(axis=0, ddof=1) - sampling_noise)
     return activity, [int((a > threshold).sum()) for a in activity]
@@ -541,6 +552,7 @@ def sample_prior(model, n, noise):
     """n images drawn from the model: z_L ~ N(0, I), then z_i ~ p(z_i|z_i+1), then
     the Bernoulli means sigmoid(logits). Returns a NumPy array (n, x_dim)."""
     n = _check_int("sample_prior: n, the number of images,", n)
+    _check_noise("sample_prior", noise)
     with evaluation(model):
         like = model.output.weight.data
         top = model.n_layers - 1

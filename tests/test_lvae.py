@@ -841,7 +841,7 @@ def test_active_units_is_its_unbiased_formula():
 
 
 def test_active_units_needs_two_samples_and_two_images():
-    with pytest.raises(ValueError, match="samples >= 2"):
+    with pytest.raises(ValueError, match="samples, the draws .* must be >= 2, got 1"):
         lvae.active_units(tiny_model("lvae"), binary_batch(5), lvae.Noise(0), samples=1)
     with pytest.raises(ValueError, match="2 images or more"):
         lvae.active_units(tiny_model("lvae"), binary_batch(1), lvae.Noise(0))
@@ -857,6 +857,42 @@ def test_analysis_helpers_take_a_tensor_of_images():
 def test_noise_must_be_a_noise_stream():
     with pytest.raises(TypeError, match=r"LadderVAE: noise must be an lvae.Noise .*got NoneType"):
         lvae.elbo(tiny_model("lvae"), binary_batch(4), None)
+
+
+@pytest.mark.parametrize("call, message", [
+    # used to fail as "'str' object has no attribute 'new_step'" and the like
+    (lambda m: lvae.log_likelihood_bound(m, binary_batch(4), 5, "noise"),
+     r"log_likelihood_bound: noise must be an lvae.Noise .*got str"),
+    (lambda m: lvae.sample_prior(m, 3, None),
+     r"sample_prior: noise must be an lvae.Noise .*got NoneType"),
+])
+def test_every_entry_point_checks_its_noise(call, message):
+    with pytest.raises(TypeError, match=message):
+        call(tiny_model("lvae"))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(samples="10"), TypeError, r"active_units: samples, .* must be an int, got '10'"),
+    (dict(samples=2.5), TypeError, r"active_units: samples, .* must be an int, got 2.5"),
+    (dict(threshold="a"), TypeError, r"active_units: threshold must be a finite number"),
+    (dict(threshold=float("nan")), TypeError, r"threshold must be a finite number .*got nan"),
+    (dict(threshold=True), TypeError, r"threshold must be a finite number .*got True"),
+    (dict(x=5), ValueError, r"LadderVAE: expected a batch of shape \(B, 8\), got \(\)"),
+])
+def test_active_units_checks_its_arguments(kwargs, error, message):
+    args = {"x": binary_batch(4), **kwargs}
+    with pytest.raises(error, match=message):
+        lvae.active_units(tiny_model("lvae"), noise=lvae.Noise(0), **args)
+
+
+@pytest.mark.parametrize("seed, error, message", [
+    (-1, ValueError, "Noise: seed must be >= 0, got -1"),
+    ("a", TypeError, "Noise: seed must be an int, got 'a'"),
+    (1.5, TypeError, "Noise: seed must be an int, got 1.5"),
+])
+def test_noise_seed_is_checked(seed, error, message):
+    with pytest.raises(error, match=message):  # was an error from NumPy's bit_generator.pyx
+        lvae.Noise(seed)
 
 
 def test_log_likelihood_bound_takes_a_tensor_of_images():
