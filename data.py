@@ -420,6 +420,16 @@ def load_dataset(name, root=None):
 # Binarisation and minibatches
 # --------------------------------------------------------------------------
 
+def _check_int(name, value, minimum):
+    """``value`` as an int, or an error naming it (as lvae._check_int): a float, a string
+    or a bool (True would be a batch of 1) is refused, not used."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
 def _check_rng(rng):
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator (e.g. "
@@ -462,7 +472,7 @@ def binarize(x, rng):
 def binarized_test_set(x, seed=TEST_BINARIZATION_SEED):
     """The test set binarised once with a fixed seed, so that every run and
     every model is evaluated on the same binary images."""
-    return binarize(x, np.random.default_rng(seed))
+    return binarize(x, np.random.default_rng(_check_int("binarized_test_set: seed", seed, 0)))
 
 
 def iterate_minibatches(x, batch_size, rng, binarize=True, shuffle=True, drop_last=False):
@@ -475,8 +485,17 @@ def iterate_minibatches(x, batch_size, rng, binarize=True, shuffle=True, drop_la
     batch (keeps batch statistics, e.g. batch norm, on full batches);
     evaluation should keep it so that every example is counted.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # checked here, at the call: a generator function's body (_minibatches) would only
+    # run, and fail, at the first batch the caller asks for
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"iterate_minibatches: x must be a NumPy array of images, got "
+                        f"{type(x).__name__}")
+    batch_size = _check_int("iterate_minibatches: batch_size", batch_size, 1)
+    _check_rng(rng)
+    return _minibatches(x, batch_size, rng, binarize, shuffle, drop_last)
+
+
+def _minibatches(x, batch_size, rng, binarize, shuffle, drop_last):
     n = len(x)
     order = rng.permutation(n) if shuffle else np.arange(n)
     stop = n - n % batch_size if drop_last else n

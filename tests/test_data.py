@@ -340,12 +340,34 @@ def test_binarize_refuses_pixels_that_are_not_probabilities(x, error, message):
         data.binarize(x, np.random.default_rng(0))
 
 
-def test_binarize_needs_a_generator():
+def test_binarize_and_minibatches_need_a_generator():
     x = np.full((4, 3), 0.5, np.float32)
     for rng in (None, 0, np.random.RandomState(0)):
-        with pytest.raises(TypeError, match=r"rng must be a numpy.random.Generator \(e.g. "
-                                            r"np.random.default_rng\(0\)\), got"):
-            data.binarize(x, rng)
+        for call in (lambda: data.binarize(x, rng), lambda: data.iterate_minibatches(x, 2, rng)):
+            with pytest.raises(TypeError, match=r"rng must be a numpy.random.Generator \(e.g. "
+                                                r"np.random.default_rng\(0\)\), got"):
+                call()
+
+
+@pytest.mark.parametrize("x, batch_size, error, message", [
+    (np.ones((5, 3), np.float32), 2.5, TypeError, "batch_size must be an int, got 2.5"),
+    (np.ones((5, 3), np.float32), "2", TypeError, "batch_size must be an int, got '2'"),
+    (np.ones((5, 3), np.float32), None, TypeError, "batch_size must be an int, got None"),
+    (np.ones((5, 3), np.float32), True, TypeError, "batch_size must be an int, got True"),
+    (np.ones((5, 3), np.float32), 0, ValueError, "batch_size must be >= 1, got 0"),
+    ([[0.5, 0.5]] * 4, 2, TypeError, "x must be a NumPy array of images, got list"),
+])
+def test_minibatch_arguments_are_checked_at_the_call(x, batch_size, error, message):
+    """At the call, not at the first batch; True was silently a batch size of 1."""
+    with pytest.raises(error, match="iterate_minibatches: " + message):
+        data.iterate_minibatches(x, batch_size, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("seed, error, message", [
+    (-1, ValueError, "seed must be >= 0, got -1"), ("a", TypeError, "seed must be an int")])
+def test_test_binarisation_seed_is_checked(seed, error, message):
+    with pytest.raises(error, match="binarized_test_set: " + message):  # was bit_generator.pyx's
+        data.binarized_test_set(np.ones((2, 3)), seed=seed)
 
 
 def test_fixed_test_binarisation_is_reproducible(mnist):
