@@ -568,6 +568,23 @@ def test_grade_names_a_path_that_does_not_exist(tmp_path, capsys):
     assert status == 1 and "no such file or folder" in out, out
 
 
+@pytest.mark.parametrize("text", [
+    "5", "[]", '{"cells": 5, "nbformat": 4, "nbformat_minor": 5, "metadata": {}}',
+    '{"cells": [5], "nbformat": 4, "nbformat_minor": 5, "metadata": {}}', "{}",
+    '{"cells": [{"cell_type": "code", "id": "a", "source": "", "metadata": {"tags": 5}}], '
+    '"nbformat": 4, "nbformat_minor": 5, "metadata": {}}',
+])
+def test_grade_names_json_that_is_not_a_notebook(tmp_path, capsys, text):
+    """Valid JSON of the wrong shape used to be reported as "TypeError: 'int' object is not
+    iterable" or "AttributeError: 'list' object has no attribute 'get'"."""
+    pytest.importorskip("nbformat", reason="grade.py reads notebooks with nbformat")
+    path = tmp_path / "01_softplus.ipynb"
+    path.write_text(text)
+    assert grade.main([str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"ValueError: {path}: not a Jupyter notebook (JSON, but not an object" in out, out
+
+
 def test_grade_knows_every_exercise_and_its_parts():
     assert grade.PARTS == {name: parts for name, (_, parts) in EXERCISE_CHECKS.items()}
     assert set(grade.PARTS) == {os.path.splitext(os.path.basename(p))[0]

@@ -91,8 +91,26 @@ def identify(path):
 
 
 def read(path):
+    """The notebook at ``path``, or a ValueError saying that it is not one. A JSON file of
+    another shape (a number, a list, cells that are not objects) would otherwise fail in
+    nbformat or below with "'int' object is not iterable" and the like."""
     import nbformat
-    return nbformat.read(path, as_version=4)
+    try:
+        nb = nbformat.read(path, as_version=4)
+        ok = isinstance(nb.cells, list) and all(_is_cell(cell) for cell in nb.cells)
+    except (AttributeError, KeyError, TypeError, nbformat.ValidationError):
+        ok = False  # nbformat's errors on JSON that is not a notebook
+    if not ok:
+        raise ValueError(f"{path}: not a Jupyter notebook (JSON, but not an object with a "
+                         f"list of cells, each with a cell_type, its source and any tags)")
+    return nb
+
+
+def _is_cell(cell):
+    """A cell as the grading reads it: a type, source text, and tags (if any) in a list."""
+    metadata = cell.get("metadata", {}) if isinstance(cell, dict) else None
+    return (isinstance(metadata, dict) and isinstance(metadata.get("tags", []), list)
+            and isinstance(cell.get("cell_type"), str) and isinstance(cell.get("source"), str))
 
 
 def tagged(nb, tag):
