@@ -130,7 +130,8 @@ def check_out(path):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)  # --ou is an error, not --out
     parser.add_argument("runs", nargs="+", help="run folders written by train.py")
     parser.add_argument("--out", default="compare.png", help="the PNG to write")
     args = parser.parse_args(argv)

@@ -70,7 +70,8 @@ def report_partial(bounds, total, samples):
 
 def main(argv):
     """Evaluate the checkpoint named in ``argv``; returns the result dict it prints."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)  # --sample is an error, not --samples
     parser.add_argument("checkpoint")
     parser.add_argument("--samples", type=positive_int, default=5000,
                         help="K of L_K (default 5000)")
@@ -96,6 +97,11 @@ def main(argv):
         raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint} is corrupt: its "
                                          f"data_root is {root!r}, not a folder name")
     ds = data.load_dataset(config["dataset"], root or None)
+    # more images than the test set holds is an error, not quietly all of them: the user
+    # expects the number asked for (0 asks for all), and the result would not be it
+    if args.images > len(ds.test_x):
+        parser.error(f"argument --images: {args.images} is more than the {len(ds.test_x)} "
+                     f"images of the {config['dataset']} test set (0 = all of them)")
     test_x = data.binarized_test_set(ds.test_x)
     if args.images:
         test_x = test_x[:args.images]

@@ -34,7 +34,8 @@ import sys
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --devic is an error, not --device
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="cpu")
     p.add_argument("--quick", action="store_true", help="fewer steps and images (a smoke run)")
     p.add_argument("--out", default="", help="also write the report to this file")

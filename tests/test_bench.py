@@ -21,6 +21,8 @@ def run_bench(*args):
     ("--out={tmp}/file.txt/a/b.txt", "argument --out: {tmp}/file.txt is a file, not a folder"),
     ("--threads=0", "argument --threads: must be >= 1, got 0"),
     ("--threads=-3", "argument --threads: must be >= 1, got -3"),
+    ("--devic=cpu", "unrecognized arguments: --devic=cpu"),  # once ran the CPU benchmark
+    ("--qui", "unrecognized arguments: --qui"),
 ])
 def test_bad_options_are_usage_errors_before_any_work(tmp_path, arg, message):
     (tmp_path / "file.txt").write_text("")

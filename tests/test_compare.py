@@ -151,6 +151,13 @@ def test_a_bad_out_is_refused_before_any_work(tmp_path, capsys, out, message):
     assert capsys.readouterr().out == ""  # no table printed before the error
 
 
+def test_a_shortened_option_name_is_a_usage_error(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:  # argparse took --ou for --out
+        compare.main([run, "--ou", str(tmp_path / "x.png")])
+    assert e.value.code == 2 and "unrecognized arguments: --ou" in capsys.readouterr().err
+
+
 def test_a_run_given_twice_is_refused(tmp_path):
     run = make_run(tmp_path / "run", final(-90))
     for again in (run, run + "/", str(Path(run) / ".." / "run")):

@@ -52,6 +52,29 @@ def test_bad_option_values_are_usage_errors(tmp_path, capsys, arg, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arg", ["--sample=1", "--image=3", "--no_bn", "--dev=cpu"])
+def test_shortened_option_names_are_usage_errors(tmp_path, capsys, arg):
+    """argparse's prefix matching took --sample=1 for --samples=1: a typo or a guess
+    must not silently pick an option."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(tmp_path / "ckpt.npz"), arg])
+    assert e.value.code == 2
+    assert f"unrecognized arguments: {arg}" in capsys.readouterr().err
+
+
+def test_more_images_than_the_test_set_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """--images=99999 used to be quietly cut to the 10000 test images: the user asked for
+    a number the test set cannot give (0 asks for all), so it is an error, found before
+    any evaluation (the bound is faked: it must not be called)."""
+    ckpt = write_checkpoint(tmp_path / "ckpt.npz")
+    monkeypatch.setattr(lvae, "log_likelihood_bound", None)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([ckpt, "--images=99999"])
+    assert e.value.code == 2
+    assert ("argument --images: 99999 is more than the 10000 images of the mnist test set "
+            "(0 = all of them)") in capsys.readouterr().err
+
+
 def test_bad_checkpoint_is_an_error_line_without_traceback(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")

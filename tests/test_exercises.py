@@ -585,6 +585,12 @@ def test_grade_names_json_that_is_not_a_notebook(tmp_path, capsys, text):
     assert f"ValueError: {path}: not a Jupyter notebook (JSON, but not an object" in out, out
 
 
+def test_grade_refuses_a_shortened_option_name(capsys):
+    with pytest.raises(SystemExit) as e:  # argparse took --sol for --solutions
+        grade.main(["--sol"])
+    assert e.value.code == 2 and "unrecognized arguments: --sol" in capsys.readouterr().err
+
+
 def test_grade_knows_every_exercise_and_its_parts():
     assert grade.PARTS == {name: parts for name, (_, parts) in EXERCISE_CHECKS.items()}
     assert set(grade.PARTS) == {os.path.splitext(os.path.basename(p))[0]

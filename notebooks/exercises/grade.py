@@ -237,7 +237,8 @@ def duplicates(notebooks):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)  # --sol is an error, not --solutions
     parser.add_argument("paths", nargs="*", help="student notebooks or folders of them")
     parser.add_argument("--solutions", action="store_true",
                         help="grade the reference solutions in solutions/")
