@@ -147,13 +147,15 @@ def load(path, model, optimizer, noise, config):
     try:
         _check_progress(path, meta)
         _load_model_state(path, arrays, model)
-        try:
-            optimizer.load_state_dict(_part(arrays, "optim/"))
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path} is corrupt: its optimiser state does "
-                                  f"not fit ({e.args[0] if e.args else e})") from None
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {RESUME_ADVICE}") from None
+    try:  # Adam checks every entry (t, m.i, v.i: present, of the right shape, finite)
+        optimizer.load_state_dict(_part(arrays, "optim/"))
+    except (KeyError, ValueError) as e:  # the weights are sound (checked above): say so
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its optimiser state is unusable "
+            f"({e.args[0] if e.args else e}). Its weights are sound: --init_from={path} with "
+            f"another --out_dir starts a new run from them; or {RESUME_ADVICE}") from None
     noise.set_state(meta["noise_rng"])  # checked by _check_progress
     progress = {k: meta[k] for k in ("epoch", "step", "sums", "data_rng")}
     return progress, meta["history"]

@@ -753,15 +753,31 @@ class Adam:
         return state
 
     def load_state_dict(self, state):
-        expected = 1 + 2 * len(self.params)
-        if len(state) != expected or "t" not in state:
-            raise KeyError(f"Adam.load_state_dict: expected {expected} entries (t, m.i, v.i "
-                           f"for {len(self.params)} parameters), got {len(state)}")
-        self.t = int(state["t"])
+        """Restore t, m and v as saved by state_dict, every entry checked first (nothing
+        is changed if one is bad): a damaged state would otherwise surface steps later,
+        as a math error or as a NaN weight that looks like a too-high learning rate."""
+        names = {"t"} | {f"{k}.{i}" for i in range(len(self.params)) for k in "mv"}
+        if set(state) != names:
+            raise KeyError(f"Adam.load_state_dict: expected {len(names)} entries (t, m.i, v.i "
+                           f"for {len(self.params)} parameters), got {len(state)}: missing "
+                           f"{sorted(names - set(state))}, unexpected {sorted(set(state) - names)}")
+        t = to_numpy(state["t"])
+        if t.shape != () or t.dtype.kind not in "iu" or t < 0:
+            raise ValueError(f"Adam.load_state_dict: t must be a step count (an integer >= 0), "
+                             f"got {t!r}")
         for i, p in enumerate(self.params):
-            for name, buffers in (("m", self.m), ("v", self.v)):
-                value = state[f"{name}.{i}"]
+            for name in (f"m.{i}", f"v.{i}"):
+                value = to_numpy(state[name])
                 if tuple(value.shape) != p.shape:
-                    raise ValueError(f"Adam.load_state_dict: {name}.{i} has shape "
+                    raise ValueError(f"Adam.load_state_dict: {name} has shape "
                                      f"{tuple(value.shape)}, parameter {i} has {p.shape}")
-                buffers[i] = get_array_module(p.data).asarray(to_numpy(value), dtype=p.dtype).copy()
+                if value.dtype.kind not in "iuf" or not np.isfinite(value).all():
+                    raise ValueError(f"Adam.load_state_dict: {name} holds values that are not "
+                                     f"finite numbers ({value.dtype})")
+                if name[0] == "v" and (value < 0).any():  # a mean of squares: sqrt(v) is taken
+                    raise ValueError(f"Adam.load_state_dict: {name} holds negative values")
+        self.t = int(t)
+        for i, p in enumerate(self.params):
+            xp = get_array_module(p.data)
+            self.m[i] = xp.asarray(to_numpy(state[f"m.{i}"]), dtype=p.dtype).copy()
+            self.v[i] = xp.asarray(to_numpy(state[f"v.{i}"]), dtype=p.dtype).copy()

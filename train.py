@@ -256,13 +256,19 @@ def check_finite(pending, ckpt_path, locate=None):
                                      f"Try a lower --lr or set --clip_norm.")
 
 
-def check_weights_finite(net, where, ckpt_path):
+def check_weights_finite(net, where, ckpt_path, optimizer=None):
     """Stop before saving weights that hold NaN or inf: they would replace the last good
     checkpoint with one that cannot be resumed. (The terms are checked before every
     update; this catches an update that itself made a weight NaN, e.g. the last of an
-    epoch, whose result no forward pass has seen yet.)"""
-    for name, tensor in net.named_tensors():
-        if not bool(get_array_module(tensor.data).isfinite(tensor.data).all()):
+    epoch, whose result no forward pass has seen yet.) With ``optimizer``, Adam's m and v
+    too: checkpoint.load refuses them non-finite, and a squared gradient can overflow v
+    to inf while the weights stay finite."""
+    tensors = [(name, t.data) for name, t in net.named_tensors()]
+    if optimizer is not None:  # Adam's i-th m and v belong to the i-th parameter
+        for (name, _), m, v in zip(net.named_parameters(), optimizer.m, optimizer.v):
+            tensors += [(f"Adam's m of {name}", m), (f"Adam's v of {name}", v)]
+    for name, data in tensors:
+        if not bool(get_array_module(data).isfinite(data).all()):
             kept = (f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path)
                     else "nothing was saved yet")
             raise FloatingPointError(f"{where}: the update made {name} NaN or inf. Stopped "
@@ -408,7 +414,7 @@ def main(argv):
         print(f"removed {final_path}: it was written at an earlier end of this run")
 
     def save(epoch, step, sums, epoch_rng_state):
-        check_weights_finite(net, f"epoch {epoch + 1 if step else epoch}", ckpt_path)
+        check_weights_finite(net, f"epoch {epoch + 1 if step else epoch}", ckpt_path, optimizer)
         checkpoint.save(ckpt_path, net, optimizer, noise, config, history,
                         {"epoch": epoch, "step": step, "sums": sums, "data_rng": epoch_rng_state})
 

@@ -5,6 +5,7 @@ NumPy, JSON or KeyError), and only train.py's resume (``load``) advises deleting
 tests/test_train.py covers saving, resuming and atomic writes through train.py."""
 import json
 import os
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -189,8 +190,48 @@ def test_bad_progress_is_named(tmp_path, key, bad):
 def test_optimiser_state_that_does_not_fit(tmp_path):
     path = rewrite(write_checkpoint(tmp_path / "ckpt.npz"),
                    lambda a, m: a.update({"optim/m.0": np.zeros((1, 1), np.float32)}))
-    with pytest.raises(CheckpointError, match="optimiser state does not fit.*m.0"):
+    with pytest.raises(CheckpointError, match="optimiser state is unusable.*m.0 has shape"):
         resume(path)
+
+
+def _negative(a):
+    return -np.abs(a) - 1
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda a: a.update({"optim/t": np.array(["x"])}), r"t must be a step count"),
+    (lambda a: a.update({"optim/t": np.array(-5)}), r"t must be a step count.*-5"),
+    (lambda a: a.update({"optim/t": np.array(2.5)}), r"t must be a step count"),
+    (lambda a: a.update({"optim/v.0": _negative(a["optim/v.0"])}), r"v.0 holds negative"),
+    (lambda a: a.update({k: np.full_like(v, np.nan) for k, v in a.items()
+                         if k.startswith(("optim/m.", "optim/v."))}),
+     r"m.0 holds values that are not finite"),
+    (lambda a: a.update({"optim/m.1": np.full(a["optim/m.1"].shape, "x")}),
+     r"m.1 holds values that are not finite numbers \(<U1\)"),
+    (lambda a: a.update({"optim/x": a.pop("optim/v.0")}), r"missing \['v.0'\], unexpected \['x'\]"),
+    (lambda a: a.pop("optim/t"), r"missing \['t'\]"),
+], ids=["t-text", "t-negative", "t-float", "v-negative", "all-nan", "m-text", "v-renamed",
+        "t-missing"])
+def test_a_damaged_optimiser_state_is_named_and_the_weights_offered(tmp_path, edit, problem):
+    """Adam's state used to be loaded unchecked: a bad t stopped the run with a TypeError or
+    a math domain error, a NaN or negative v as a NaN weight blamed on the learning rate."""
+    path = rewrite(write_checkpoint(tmp_path / "ckpt.npz"), lambda a, m: edit(a))
+    name = re.escape(path)
+    with pytest.raises(CheckpointError, match=rf"{name} is corrupt: its optimiser state is "
+                                              rf"unusable \(.*{problem}.*\)\. Its weights are "
+                                              rf"sound: --init_from={name} with another"):
+        resume(path)
+
+
+def test_adam_loads_nothing_from_a_damaged_state():
+    """All entries are checked before any is loaded: a failed load leaves Adam as it was."""
+    net = tiny_model()
+    adam = Adam(net.parameters())
+    state = adam.state_dict()
+    state.update({"t": np.array(7), "v.3": -np.ones_like(state["v.3"])})
+    with pytest.raises(ValueError, match="v.3 holds negative values"):
+        adam.load_state_dict(state)
+    assert adam.t == 0 and all(not v.any() for v in adam.v)
 
 
 def test_weights_of_another_model_are_a_clear_error(tmp_path):

@@ -1008,6 +1008,40 @@ def test_an_update_that_makes_a_weight_nan_is_never_saved(run, tmp_path, monkeyp
     assert run(out, "--epochs=2") == 0  # and the run resumes from it
 
 
+def test_a_checkpoint_with_a_nan_optimiser_state_is_refused_on_resuming(run, tmp_path):
+    """It used to resume and stop at the next step blaming --lr for a NaN weight."""
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1") == 0
+    arrays, meta = read_ckpt(out)
+    arrays = {k: np.full_like(v, np.nan) if k.startswith("optim/m.") else v
+              for k, v in arrays.items()}
+    np.savez(out / "ckpt.npz", meta=np.array(json.dumps(meta)), **arrays)
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt\.npz is corrupt: its optimiser "
+                                                         r"state is unusable .*m\.0 holds"):
+        run(out, "--epochs=2")
+
+
+def test_an_adam_moment_that_overflows_is_never_saved(run, tmp_path, monkeypatch):
+    """A squared gradient can overflow v to inf while every weight stays finite: such a
+    state is not saved (checkpoint.load would refuse it), the last good one is kept."""
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1") == 0
+    before, _ = read_ckpt(out)
+    real, calls = layers.Adam.step, [0]
+
+    def step(self):
+        real(self)
+        calls[0] += 1
+        if calls[0] == 2:
+            self.v[3][...] = np.inf
+    monkeypatch.setattr(layers.Adam, "step", step)
+    with pytest.raises(FloatingPointError, match=r"epoch 2: the update made Adam's v of \S+ NaN "
+                                                 r"or inf\. Stopped before saving: the last good"):
+        run(out, "--epochs=2")
+    after, meta = read_ckpt(out)
+    assert meta["epoch"] == 1 and all(np.array_equal(before[k], after[k]) for k in before)
+
+
 def test_a_nan_found_late_on_a_gpu_names_its_own_step(tmp_path):
     """On a GPU the terms are read back every log_interval steps: the message names the
     step that made the NaN, not the step that found it."""
