@@ -19,7 +19,6 @@ ARCHITECTURE_KEYS = ("model", "z_dims", "hidden", "n_dense", "batch_norm", "data
 # config (evaluate.py rebuilds the model from it), load needs the rest to resume
 META_KEYS = ("config", "noise_rng", "history", "epoch", "step", "sums", "data_rng")
 CONFIG_KEYS = ARCHITECTURE_KEYS + ("seed",)
-SUMS_KEYS = ("elbo", "log_px", "kl", "n")
 ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of an .npz (a zip archive)
 # only for train.py's own out_dir/ckpt.npz: files given to --init_from or evaluate.py
 # belong to the user and must not be deleted on our say-so
@@ -169,24 +168,49 @@ def _is_count(x):
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+def _are_numbers(x, n):
+    return isinstance(x, list) and len(x) == n and all(_is_number(v) for v in x)
+
+
+def _is_record(record, n_layers):
+    """An epoch record with what the end of the run plots from it (plots.py); the test
+    values only in the epochs that were evaluated."""
+    return (isinstance(record, dict) and _is_count(record.get("epoch"))
+            and _is_number(record.get("beta")) and _is_number(record.get("train_elbo"))
+            and _are_numbers(record.get("kl"), n_layers)
+            and all(record.get(k) is None or _is_number(record[k])
+                    for k in ("test_elbo", "test_lk")))
+
+
 def _check_progress(path, meta):
-    """The parts of the metadata only a resumed run uses: counters and RNG states."""
+    """The parts of the metadata only a resumed run uses: counters, history, the sums of
+    an unfinished epoch and RNG states. (Checked now: a bad history record or KL list
+    would otherwise stop the run only at its end, in the plots.)"""
     for key in ("epoch", "step"):
         value = meta[key]
         if not _is_count(value):
             raise CheckpointError(f"checkpoint {path} is corrupt: {key} is {value!r}, "
                                   f"not a count")
+    n_layers = len(meta["config"]["z_dims"])  # that of this run: _check_architecture ran
     history = meta["history"]
-    if not (isinstance(history, list) and all(isinstance(r, dict) and _is_count(r.get("epoch"))
-                                              for r in history)):
+    if not isinstance(history, list):
         raise CheckpointError(f"checkpoint {path} is corrupt: its history is not a list of "
                               f"epoch records")
+    for record in history:
+        if not _is_record(record, n_layers):
+            raise CheckpointError(f"checkpoint {path} is corrupt: its history holds {record!r}, "
+                                  f"not an epoch record (numbers for epoch, beta, train_elbo, "
+                                  f"and test_elbo and test_lk if evaluated; {n_layers} numbers "
+                                  f"for kl)")
     sums = meta["sums"]
-    if sums is not None and not (isinstance(sums, dict) and set(SUMS_KEYS) <= set(sums)
-                                 and all(_is_number(sums[k]) for k in ("elbo", "log_px", "n"))
-                                 and isinstance(sums["kl"], list)
-                                 and all(_is_number(k) for k in sums["kl"])):
-        raise CheckpointError(f"checkpoint {path} is corrupt: its sums are {sums!r}")
+    if sums is not None and not (isinstance(sums, dict) and _is_number(sums.get("elbo"))
+                                 and _is_number(sums.get("log_px"))
+                                 and _is_count(sums.get("n")) and sums["n"] > 0  # a divisor
+                                 and _is_number(sums.get("seconds", 0.0))
+                                 and _are_numbers(sums.get("kl"), n_layers)):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its sums are {sums!r}, not the "
+                              f"sums of steps done (numbers for elbo and log_px, a count >= 1 "
+                              f"for n, {n_layers} numbers for kl)")
     for key in ("noise_rng", "data_rng"):
         try:  # NumPy validates a state when it is set: try it on a scratch generator
             np.random.default_rng().bit_generator.state = meta[key]

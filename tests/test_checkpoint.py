@@ -174,11 +174,31 @@ def test_bad_generator_state_is_named(tmp_path, key, bad):
         resume(path)
 
 
+# an epoch record and the sums of an unfinished epoch, as train.py writes them (2 layers)
+RECORD = {"epoch": 1, "beta": 1.0, "lr": 0.002, "train_elbo": -200.0, "train_log_px": -190.0,
+          "kl": [8.0, 2.0], "seconds": 1.5, "test_elbo": -180.0}
+SUMS = {"elbo": -12800.0, "log_px": -12000.0, "kl": [600.0, 200.0], "n": 64, "seconds": 0.5}
+
+
+def test_a_checkpoint_in_the_middle_of_an_epoch_round_trips(tmp_path):
+    progress = {"history": [RECORD, {**RECORD, "epoch": 2, "test_elbo": None}], "step": 1,
+                "sums": SUMS}
+    path = rewrite(write_checkpoint(tmp_path / "ckpt.npz"), lambda a, m: m.update(progress))
+    state, history = resume(path)
+    assert history == progress["history"] and state["sums"] == SUMS
+
+
 @pytest.mark.parametrize("key, bad", [
     ("epoch", -1), ("step", "3"), ("sums", [1]), ("epoch", True),
     ("sums", {"elbo": "x", "log_px": 0.0, "kl": [0.0], "n": 1}),
     ("sums", {"elbo": 0.0, "log_px": 0.0, "kl": 0.0, "n": 1}),
     ("history", [1, 2]), ("history", [{"train_elbo": -90.0}]), ("history", {"epoch": 1}),
+    # what the end of the run plots must be there: it used to fail only then, in plots.py
+    ("history", [{"epoch": 1, "train_elbo": -1.0}]), ("history", [{"epoch": 1}]),
+    ("history", [{**RECORD, "kl": [1.0]}]), ("history", [{**RECORD, "test_elbo": "x"}]),
+    ("sums", {**SUMS, "kl": [0.0]}),  # one KL per layer: zip() cut the epoch's to one
+    ("sums", {**SUMS, "n": 0}),  # the divisor of the epoch's means
+    ("sums", {**SUMS, "n": 64.5}),
 ])
 def test_bad_progress_is_named(tmp_path, key, bad):
     path = rewrite(write_checkpoint(tmp_path / "ckpt.npz"),

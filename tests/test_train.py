@@ -686,12 +686,28 @@ def test_a_checkpoint_step_beyond_the_epoch_is_corrupt(run, tmp_path, beyond):
         arrays = {k: f[k] for k in f.files}
     meta = json.loads(str(arrays.pop("meta")))
     meta.update(step=STEPS_PER_EPOCH + beyond,
-                sums={"elbo": 0.0, "log_px": 0.0, "kl": [0.0, 0.0], "n": 0})
+                sums={"elbo": 0.0, "log_px": 0.0, "kl": [0.0, 0.0], "n": 64})
     np.savez(out / "ckpt.npz", meta=np.array(json.dumps(meta)), **arrays)
     with pytest.raises(checkpoint.CheckpointError, match=f"corrupt: it stopped after step "
                                                          f"{STEPS_PER_EPOCH + beyond} of an epoch "
                                                          f"of {STEPS_PER_EPOCH} steps"):
         run(out, "--epochs=2")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda meta: meta["history"][0].pop("kl"),
+    lambda meta: meta.update(step=2, sums={"elbo": 0.0, "log_px": 0.0, "kl": [0.0], "n": 128}),
+], ids=["record-without-kl", "sums-with-one-kl"])
+def test_a_checkpoint_the_final_plots_could_not_use_is_refused_on_resuming(run, tmp_path, edit):
+    """These used to train on, then stop in plots.py at the end of the run."""
+    out = tmp_path / "run"
+    assert run(out, "--epochs=1") == 0
+    arrays, meta = read_ckpt(out)
+    edit(meta)
+    np.savez(out / "ckpt.npz", meta=np.array(json.dumps(meta)), **arrays)
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt\.npz is corrupt: its "
+                                                         r"(history holds|sums are).*2 numbers for kl"):
+        run(out, "--epochs=2", final=True)
 
 
 def test_truncated_checkpoint_is_a_clear_error(run, tmp_path):
