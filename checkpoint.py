@@ -35,8 +35,25 @@ def save(path, model, optimizer, noise, config, history, progress):
     arrays.update({f"optim/{k}": v for k, v in optimizer.state_dict().items()})
     meta = {"format": FORMAT, "config": config, "noise_rng": noise.get_state(),
             "history": history, **progress}
-    arrays["meta"] = np.array(json.dumps(meta))
+    arrays["meta"] = np.array(json.dumps(meta, default=_plain))
     _write_atomically(path, lambda f: np.savez(f, **arrays), "wb")
+
+
+def _plain(x):
+    """json's hook for what it cannot write. NumPy scalars (np.float32, np.int64,
+    np.bool_; np.float64 is a float already) are numbers to a user: written as such.
+    Anything else stays json's TypeError."""
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
+
+
+def _as_path(path):
+    """``path`` as a str, or a TypeError: open(5) would quietly use file descriptor 5."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"expected a file path (a str or pathlib.Path), got "
+                        f"{type(path).__name__} {path!r}")
+    return os.fspath(path)
 
 
 def _write_atomically(path, write, mode="w"):
@@ -45,6 +62,7 @@ def _write_atomically(path, write, mode="w"):
     Readers see the old file or the new one, never half of one. (The rename itself reaches
     the disk when the folder's entry is written: a power cut just after it may still show
     the old file, which is the old checkpoint, not a damaged one.)"""
+    path = _as_path(path)
     tmp = path + ".tmp"
     try:
         with open(tmp, mode) as f:
@@ -65,6 +83,7 @@ def _write_atomically(path, write, mode="w"):
 def _read(path):
     """(arrays, meta) of a checkpoint written by ``save``; any other file, or a damaged
     one, is a CheckpointError that names the problem."""
+    path = _as_path(path)
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -250,9 +269,10 @@ def read_config(path):
 
 def write_metrics(path, history):
     """Rewrite the metrics file, one JSON object per epoch (atomically, like checkpoints)."""
-    _write_atomically(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in history))
+    _write_atomically(path, lambda f: f.writelines(json.dumps(r, default=_plain) + "\n"
+                                                   for r in history))
 
 
 def write_json(path, obj):
     """Write ``obj`` as an indented JSON file, atomically (e.g. final.json)."""
-    _write_atomically(path, lambda f: json.dump(obj, f, indent=1))
+    _write_atomically(path, lambda f: json.dump(obj, f, indent=1, default=_plain))

@@ -312,6 +312,46 @@ def test_weights_load_into_the_same_architecture_on_another_dataset(tmp_path):
         checkpoint.load_weights(path, net, {**CONFIG, "hidden": (16, 4)})
 
 
+def test_numpy_scalars_are_written_as_numbers(tmp_path):
+    """np.float64 always was (a float subclass): np.float32, np.int64 and np.bool_ were a
+    TypeError from the json module."""
+    record = {**RECORD, "epoch": np.int64(1), "train_elbo": np.float32(-200.5),
+              "kl": [np.float32(8.0), 2.0]}
+    path = rewrite(write_checkpoint(tmp_path / "ckpt.npz"), lambda a, m: None)
+    net = tiny_model()
+    progress = {"epoch": np.int64(1), "step": 0, "sums": None,
+                "data_rng": np.random.default_rng(2).bit_generator.state}
+    checkpoint.save(path, net, Adam(net.parameters()), lvae.Noise(1), dict(CONFIG), [record],
+                    progress)
+    state, history = resume(path)  # the loaded values pass its checks: plain numbers
+    assert state["epoch"] == 1 and history[0]["train_elbo"] == -200.5
+    checkpoint.write_metrics(str(tmp_path / "metrics.jsonl"), [record])
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["kl"] == [8.0, 2.0]
+    checkpoint.write_json(str(tmp_path / "final.json"), {"units": np.int64(3), "ok": np.bool_(1)})
+    assert json.loads((tmp_path / "final.json").read_text()) == {"units": 3, "ok": True}
+    with pytest.raises(TypeError, match="Object of type ndarray is not JSON serializable"):
+        checkpoint.write_json(str(tmp_path / "final.json"), {"kl": np.zeros(3)})
+    assert not (tmp_path / "final.json.tmp").exists()
+
+
+def test_a_path_must_be_a_path(tmp_path):
+    """An int used to be taken as a file descriptor: load_weights(5, net) read (and closed)
+    whatever file 5 was."""
+    path = write_checkpoint(tmp_path / "ckpt.npz")
+    with open(path, "rb") as f:
+        with pytest.raises(TypeError, match=r"expected a file path \(a str or pathlib.Path\), "
+                                            r"got int"):
+            checkpoint.load_weights(f.fileno(), tiny_model())
+        os.fstat(f.fileno())  # still open
+    with pytest.raises(TypeError, match="expected a file path"):
+        checkpoint.write_json(None, {})
+    # pathlib.Path works everywhere (save used to fail on path + '.tmp')
+    net, progress = tiny_model(), {"epoch": 1, "step": 0, "sums": None, "data_rng": None}
+    checkpoint.save(tmp_path / "p.npz", net, Adam(net.parameters()), lvae.Noise(1),
+                    dict(CONFIG), [], progress)
+    assert checkpoint.read_config(tmp_path / "p.npz")["seed"] == 0
+
+
 def test_a_file_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
     """fsync, then rename: a power cut leaves the old file or the new one, whole."""
     log, real_replace = [], os.replace
