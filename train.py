@@ -10,13 +10,13 @@ r"""Train a Ladder VAE (or the bottom-up hierarchical VAE) on dynamically binari
     python train.py --epochs=200 --decay_lr=true      # not the paper's: lr 2e-3 -> 2e-4 along a cosine
 
 Configuration: the plain values below; override any with --key=value (the type must
-match the default's; unknown keys are an error). Running again with the same out_dir
-resumes from its checkpoint, exactly where it stopped (Ctrl-C, `kill` or closing the
-terminal saves before exiting); the architecture must stay the same, and so must
---init_from (a fine-tuning run needs its own out_dir) and, in the middle of an epoch,
---batch_size; a change of any other option (a longer --epochs, a new --lr) is printed when
-the run resumes. The paper's code also clips the gradient norm; here that is off unless
---clip_norm is set.
+match the default's; an unknown key, or one given twice, is an error). Running again
+with the same out_dir resumes from its checkpoint, exactly where it stopped (Ctrl-C,
+`kill` or closing the terminal saves before exiting); the architecture must stay the
+same, and so must --init_from (a fine-tuning run needs its own out_dir) and, in the
+middle of an epoch, --batch_size; a change of any other option (a longer --epochs, a new
+--lr) is printed when the run resumes. The paper's code also clips the gradient norm;
+here that is off unless --clip_norm is set.
 """
 import contextlib
 import math
@@ -86,6 +86,7 @@ def apply_overrides(args, namespace):
     if "--help" in args or "-h" in args:
         print(usage())
         raise SystemExit(0)
+    given = {}  # key -> the argument that set it
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"error: arguments look like --key=value, got {arg!r}")
@@ -93,6 +94,10 @@ def apply_overrides(args, namespace):
         if key not in config_keys:
             raise SystemExit(f"error: unknown option {key!r}; valid options: "
                              f"{', '.join(config_keys)} (--help says what each does)")
+        if key in given:  # the last one would win without a word: a typo, or an edited command
+            raise SystemExit(f"error: --{key} is given twice ({given[key]} and {arg}): "
+                             f"give it once")
+        given[key] = arg
         default = namespace[key]
         try:
             if isinstance(default, bool):
@@ -100,7 +105,10 @@ def apply_overrides(args, namespace):
                     raise ValueError
                 parsed = value.lower() in ("true", "1")
             elif isinstance(default, tuple):  # 64,32,16 (also as Python writes it: (64, 32, 16))
-                items = [v.strip() for v in value.strip("() ").split(",")]
+                text = value.strip()
+                if text.startswith("(") and text.endswith(")"):  # one pair; "(4,2" is an error
+                    text = text[1:-1]
+                items = [v.strip() for v in text.split(",")]
                 if items[-1] == "":  # a trailing comma, as in (64,), or nothing at all
                     items.pop()
                 parsed = tuple(int(v) for v in items)  # an empty item in between is an error
@@ -379,6 +387,12 @@ def main(argv):
     ds = data.load_dataset(dataset, data_root or None)
     test_x = data.binarized_test_set(ds.test_x)
     lk_images = test_x[:eval_lk_images] if eval_lk_images else test_x
+    # more images for L_K than the test set holds: all of them are used, as with 0; the
+    # bound is still the one asked for, so a note rather than an error
+    for key in ("eval_lk_images", "final_lk_images"):
+        if config[key] > len(test_x):
+            print(f"note: --{key}={config[key]}, but the {dataset} test set has "
+                  f"{len(test_x)} images: all of them are used")
     if batch_norm and 1 in (batch_size, len(ds.train_x) % batch_size):
         raise ConfigError(f"--batch_size={batch_size}: with batch norm every batch needs 2 "
                           f"images or more, and {len(ds.train_x)} training images leave a "

@@ -43,6 +43,12 @@ PLOTS = ["learning_curves.png", "kl_per_layer.png", "kl_per_unit.png", "samples.
          "reconstructions.png"]
 
 
+def without(overrides, args):
+    """``args`` less the options that ``overrides`` set (an option given twice is an error)."""
+    keys = {arg.split("=")[0] for arg in overrides}
+    return [arg for arg in args if arg.split("=")[0] not in keys]
+
+
 def _synthetic_dataset():
     rng = np.random.default_rng(0)
     # grey levels with some structure: a per-pixel base level plus noise
@@ -86,7 +92,7 @@ def run(fake_data, monkeypatch):
         importlib.reload(train)
         if not final:
             monkeypatch.setattr(train, "finalize", lambda *args: None)
-        return train.main([*TINY, f"--out_dir={out_dir}", *overrides])
+        return train.main([*without(overrides, [*TINY, f"--out_dir={out_dir}"]), *overrides])
     yield _run
     importlib.reload(train)  # leave a clean module behind
 
@@ -216,6 +222,18 @@ def test_final_evaluation_recomputes_batch_norm_and_counts_informative_units_fro
 def test_eval_lk_images_sets_the_images_of_the_periodic_bound(run, tmp_path):
     assert run(tmp_path / "run", "--epochs=1", "--eval_lk_images=10") == 0
     assert read_metrics(tmp_path / "run")[0]["lk_images"] == 10
+
+
+def test_more_lk_images_than_the_test_set_has_uses_all_with_a_note(run, tmp_path, capsys):
+    """They were cut to the test set's size with no word (only the printed count showed it)."""
+    n = len(SYNTHETIC.test_x)
+    assert run(tmp_path / "run", "--epochs=1", "--eval_lk_images=20000",
+               "--final_lk_images=20000") == 0
+    out = capsys.readouterr().out
+    for key in ("eval_lk_images", "final_lk_images"):
+        assert (f"note: --{key}=20000, but the mnist test set has {n} images: all of them are "
+                f"used") in out
+    assert read_metrics(tmp_path / "run")[0]["lk_images"] == n
 
 
 def test_beta_rises_over_the_warm_up_and_then_stays_at_1(monkeypatch):
@@ -846,12 +864,25 @@ def test_unknown_option_lists_the_valid_ones(run, tmp_path):
     ("--epochs=abc", r"--epochs expects an integer like 2000, got 'abc'"),
     ("--lr=fast", r"--lr expects a number like 0.002"),
     ("--batch_norm=maybe", r"--batch_norm expects true or false"),
-    ("--z_dims=4,x", r"--z_dims expects comma-separated integers like 4,2, got '4,x'"),
-    ("--z_dims=4,,2", r"--z_dims expects comma-separated integers like 4,2, got '4,,2'"),
+    ("--z_dims=4,x", r"--z_dims expects comma-separated integers like 64,32,16,8,4, got '4,x'"),
+    ("--z_dims=4,,2", r"--z_dims expects comma-separated integers like 64,32,16,8,4, got '4,,2'"),
+    # one pair of brackets, or none: these were read as 4,2
+    ("--z_dims=(4,2", r"--z_dims expects comma-separated integers like .* got '\(4,2'"),
+    ("--z_dims=4,2)", r"--z_dims expects comma-separated integers like .* got '4,2\)'"),
+    ("--z_dims=((4,2))", r"--z_dims expects comma-separated integers like .* got '\(\(4,2\)\)'"),
 ])
-def test_wrong_type_names_the_key_and_the_type(run, tmp_path, arg, pattern):
+def test_wrong_type_names_the_key_and_the_type(run, tmp_path, monkeypatch, arg, pattern):
+    monkeypatch.setattr(data, "load_dataset", lambda *a: pytest.fail("accepted"))  # fails fast
     with pytest.raises(SystemExit, match=pattern):
         run(tmp_path, arg)
+
+
+def test_an_option_given_twice_is_refused(run, tmp_path):
+    """The last one used to win without a word."""
+    with pytest.raises(SystemExit, match=r"--epochs is given twice \(--epochs=1 and "
+                                         r"--epochs=2\): give it once"):
+        run(tmp_path / "run", "--epochs=1", "--epochs=2")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("arg", ["--epochs", "epochs=3", "-epochs=3"])
