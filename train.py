@@ -455,7 +455,11 @@ def main(argv):
             for step, batch in enumerate(batches):
                 if step < first_step:
                     continue
-                with deferred_interrupt():  # Ctrl-C lands between steps, never inside one
+                # Ctrl-C lands between steps, never inside one. NumPy's overflow warnings are
+                # silenced: every NaN or inf they foretell is caught, in the terms below or in
+                # the weights and Adam's state before saving, and reported better (where it
+                # arose, what to do)
+                with deferred_interrupt(), np.errstate(all="ignore"):
                     noise.new_step()
                     noise_state = noise.get_state()  # to replay this step if it goes wrong
                     xb = to_device(batch, device)

@@ -1117,7 +1117,6 @@ def test_nan_reconstruction_term_in_the_first_epoch(run, tmp_path, monkeypatch):
     assert not (out / "ckpt.npz").exists()
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns of the overflow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu,
     requires_cuda])])
@@ -1137,6 +1136,14 @@ def test_a_real_overflow_is_located_in_the_layer_where_it_appeared(run, tmp_path
                        match=r"epoch 1, step 1: .*NaN or inf; it first appeared in the output of "
                              r"up_blocks\.1\.dense\.0 \(Dense\)\. Stopped: nothing was saved yet"):
         run(tmp_path / "run", "--epochs=1", f"--device={device}", "--log_interval=1")
+
+
+def test_a_diverging_run_stops_with_its_message_and_no_numpy_warnings(run, tmp_path):
+    """NumPy's overflow warnings (errors here: pytest.ini) came before the message that
+    says what happened and what to do, which is all there is now."""
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step \d+: .* NaN or inf.*Try a "
+                                                 r"lower --lr"):
+        run(tmp_path / "run", "--epochs=1", "--lr=1e10")
 
 
 def test_first_nonfinite_module_names_a_bad_parameter_first():
