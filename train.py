@@ -387,8 +387,9 @@ def main(argv):
     ds = data.load_dataset(dataset, data_root or None)
     test_x = data.binarized_test_set(ds.test_x)
     lk_images = test_x[:eval_lk_images] if eval_lk_images else test_x
-    # more images for L_K than the test set holds: all of them are used, as with 0; the
-    # bound is still the one asked for, so a note rather than an error
+    # more images for L_K than the test set holds: all of them are used, as with 0, and a
+    # note says so (not an error, as evaluate.py --images is: the default 2000 may exceed
+    # a small test set the user chose)
     for key in ("eval_lk_images", "final_lk_images"):
         if config[key] > len(test_x):
             print(f"note: --{key}={config[key]}, but the {dataset} test set has "
