@@ -1137,7 +1137,7 @@ def hierarchy():
             results[kind] = dict(kl_units=kl_units, activity=activity, active=active,
                                  elbo=test_elbo(net, test_x, noise), lk=float(lk.mean()))
 
-        for r in results.values():  # units that encode more than 0.01 nats on average
+        for r in results.values():  # units whose KL, averaged over x, is above 0.01 nats
             r["informative"] = [int((k > 0.01).sum()) for k in r["kl_units"]]
 
         print(f"{'':6s}{'test ELBO':>10s}{f'L_{LK_SAMPLES}':>9s}   {'':18s}" + "".join(f"{f'z{i + 1}':>7s}" for i in range(len(Z_DIMS))))
