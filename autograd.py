@@ -767,12 +767,12 @@ def getitem(x, index):
 
 def concatenate(tensors, axis=0):
     """Join tensors along an axis;  each gets its slice of the gradient back."""
-    if not isinstance(tensors, (list, tuple)):  # a Tensor would be iterated row by row
+    if isinstance(tensors, Tensor) or hasattr(tensors, "shape"):  # would be joined row by row
         raise TypeError(f"concatenate: expected a list or tuple of tensors, got "
                         f"{type(tensors).__name__}")
+    tensors = tuple(_input("concatenate", t) for t in tensors)  # a list, tuple, generator...
     if not tensors:
         raise ValueError("concatenate: expected at least one tensor, got none")
-    tensors = tuple(_input("concatenate", t) for t in tensors)
     check_same_device("concatenate", *tensors)
     if not isinstance(axis, (int, np.integer)):
         raise TypeError(f"concatenate: axis must be an int, got {axis!r}")

@@ -430,10 +430,13 @@ def _check_int(name, value, minimum):
     return int(value)
 
 
-def _check_rng(rng):
+def _check_rng(owner, rng):
     if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator (e.g. "
+        raise TypeError(f"{owner}: rng must be a numpy.random.Generator (e.g. "
                         f"np.random.default_rng(0)), got {type(rng).__name__}")
+
+
+PIXEL_SLACK = 1e-6  # 1.0000001 from resizing or normalising is rounding, not a wrong scale
 
 
 def _check_pixels(x):
@@ -448,10 +451,10 @@ def _check_pixels(x):
     low, high = x.min(), x.max()  # NaN propagates to both
     if np.isnan(low) or np.isnan(high):
         raise ValueError("binarize: x contains NaN; pixel values must be in [0, 1]")
-    if low < 0 or high > 1:
-        hint = " (0..255 grey levels? divide by 255 first)" if low >= 0 and high <= 255 else ""
-        raise ValueError(f"binarize: pixel values must be in [0, 1], found [{low:g}, {high:g}]"
-                         f"{hint}")
+    if low < -PIXEL_SLACK or high > 1 + PIXEL_SLACK:
+        hint = " (0..255 grey levels? divide by 255 first)" if low >= 0 and 2 <= high <= 255 else ""
+        raise ValueError(f"binarize: pixel values must be in [0, 1], found [{low:.9g}, "
+                         f"{high:.9g}]{hint}")
 
 
 def binarize(x, rng):
@@ -461,7 +464,7 @@ def binarize(x, rng):
     comparing in place avoids any float64 or boolean temporary (about 0.12 s
     for all of MNIST's training set).
     """
-    _check_rng(rng)
+    _check_rng("binarize", rng)
     x = np.asarray(x)
     _check_pixels(x)
     u = rng.random(x.shape, dtype=np.float32)
@@ -491,7 +494,8 @@ def iterate_minibatches(x, batch_size, rng, binarize=True, shuffle=True, drop_la
         raise TypeError(f"iterate_minibatches: x must be a NumPy array of images, got "
                         f"{type(x).__name__}")
     batch_size = _check_int("iterate_minibatches: batch_size", batch_size, 1)
-    _check_rng(rng)
+    if shuffle or binarize:  # the only uses of rng: without them None will do
+        _check_rng("iterate_minibatches", rng)
     return _minibatches(x, batch_size, rng, binarize, shuffle, drop_last)
 
 

@@ -430,7 +430,7 @@ class BatchNorm(Module):
     def __init__(self, n_features, momentum=0.1, eps=1e-4, dtype=np.float32):
         check_size("BatchNorm", "n_features", n_features)
         if momentum is not None:  # None has a meaning: exact averages (see above)
-            _check_number("BatchNorm", "momentum", momentum, low=0, high=1, low_open=True,
+            _check_number("BatchNorm", "momentum", momentum, low=0, high=1,
                           high_open=False)
         # eps = 0 divides by zero on a feature that is constant over the batch
         _check_number("BatchNorm", "eps", eps, low=0, low_open=True)

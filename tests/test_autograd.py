@@ -458,6 +458,11 @@ def test_concatenate_usage_errors(xp):
     with pytest.raises(ValueError, match=r"concatenate: shapes \(2, 3\), \(3,\) must match on "
                                          r"every axis but axis 0"):
         concatenate([t, Tensor(xp.ones(3))])
+    # a generator of tensors is still taken
+    assert concatenate(Tensor(xp.ones((1, 3))) for _ in range(2)).shape == (2, 3)
+    with pytest.raises(TypeError, match="concatenate: expected a list or tuple of tensors, "
+                                        "got ndarray"):
+        concatenate(np.ones((2, 3)))
 
 
 def test_other_usage_errors():

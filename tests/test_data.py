@@ -333,6 +333,7 @@ def test_binarize_draws_differ():
     (np.array([[0.5, 1.5]]), ValueError, r"found \[0.5, 1.5\]"),
     (np.array([[-1.0, 0.5]]), ValueError, r"found \[-1, 0.5\]$"),
     (np.array([[np.nan, 0.5]]), ValueError, "x contains NaN"),
+    (np.array([[0.2, 1.00001]], np.float32), ValueError, r"found \[0.200000003, 1.00001001\]$"),
     (np.array([["a"]]), TypeError, "x must be an array of numbers, got dtype <U1"),
 ])
 def test_binarize_refuses_pixels_that_are_not_probabilities(x, error, message):
@@ -340,13 +341,28 @@ def test_binarize_refuses_pixels_that_are_not_probabilities(x, error, message):
         data.binarize(x, np.random.default_rng(0))
 
 
+def test_binarize_takes_pixels_a_rounding_error_outside_0_1():
+    """Resized or normalised images hold 1.0000001 and -1e-7: rounding, not a wrong scale."""
+    x = np.array([[-1e-7, 0.5, 1.0000001]], np.float32)
+    b = data.binarize(x, np.random.default_rng(0))
+    assert b[0, 0] == 0 and b[0, 2] == 1
+
+
 def test_binarize_and_minibatches_need_a_generator():
     x = np.full((4, 3), 0.5, np.float32)
     for rng in (None, 0, np.random.RandomState(0)):
-        for call in (lambda: data.binarize(x, rng), lambda: data.iterate_minibatches(x, 2, rng)):
-            with pytest.raises(TypeError, match=r"rng must be a numpy.random.Generator \(e.g. "
-                                                r"np.random.default_rng\(0\)\), got"):
+        for name, call in (("binarize", lambda: data.binarize(x, rng)),
+                           ("iterate_minibatches", lambda: data.iterate_minibatches(x, 2, rng))):
+            with pytest.raises(TypeError, match=rf"{name}: rng must be a numpy.random.Generator "
+                                                r"\(e.g. np.random.default_rng\(0\)\), got"):
                 call()
+
+
+def test_minibatches_in_order_and_not_binarised_need_no_generator():
+    """rng is used only to shuffle and to binarise: without either, None will do."""
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    batches = list(data.iterate_minibatches(x, 3, None, binarize=False, shuffle=False))
+    np.testing.assert_array_equal(np.concatenate(batches), x)
 
 
 @pytest.mark.parametrize("x, batch_size, error, message", [

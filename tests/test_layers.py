@@ -348,8 +348,8 @@ def test_batch_norm_input_checks():
 
 @pytest.mark.parametrize("make, error, message", [
     (lambda: BatchNorm(3, momentum=2), ValueError,
-     r"BatchNorm: momentum must be in \(0, 1\], got 2"),
-    (lambda: BatchNorm(3, momentum=-1), ValueError, r"BatchNorm: momentum must be in \(0, 1\]"),
+     r"BatchNorm: momentum must be in \[0, 1\], got 2"),
+    (lambda: BatchNorm(3, momentum=-1), ValueError, r"BatchNorm: momentum must be in \[0, 1\]"),
     (lambda: BatchNorm(3, momentum="a"), TypeError,
      r"BatchNorm: momentum must be a number, got 'a'"),
     (lambda: BatchNorm(3, eps=0), ValueError, r"BatchNorm: eps must be in \(0, inf\), got 0"),
@@ -395,6 +395,7 @@ def test_edge_settings_are_accepted():
     booleans are booleans; a float64 model is what gradient checks use."""
     assert BatchNorm(3, momentum=None).momentum is None
     assert BatchNorm(3, momentum=1).momentum == 1
+    assert BatchNorm(3, momentum=0).momentum == 0  # frozen running statistics
     assert not Dense(2, 2).train(np.bool_(False)).training
     assert MLP(3, (4,), batch_norm=np.bool_(True), slope=0).batch_norm is True
     assert Dense(2, 2).astype(np.float64).weight.dtype == np.float64
