@@ -638,8 +638,10 @@ def leaky_relu(x, slope=0.01):
     Written as max(x, slope x) and a 0/1 mask times (1 - slope) plus slope: boolean
     selection (np.where) is ten times slower than this arithmetic on NumPy.
     """
-    if not (isinstance(slope, numbers.Real) and 0 <= slope < 1):
-        raise ValueError(f"leaky_relu: slope must be a number in [0, 1), got {slope!r}")
+    if not isinstance(slope, numbers.Real):
+        raise TypeError(f"leaky_relu: slope must be a number, got {slope!r}")
+    if not 0 <= slope < 1:
+        raise ValueError(f"leaky_relu: slope must be in [0, 1), got {slope}")
     x = _input("leaky_relu", x)
     xp = get_array_module(x.data)
     out = xp.maximum(x.data, x.data * slope)
@@ -656,20 +658,21 @@ def leaky_relu(x, slope=0.01):
 # ----------------------------------------------------------------------------------
 # Reductions
 # ----------------------------------------------------------------------------------
-def _axes(op, shape, axis):
+def _axes(op, shape, axis, name="axis"):
     """``axis`` (None, an int, or a tuple or list of ints) as a tuple of axes of ``shape``
     counted from 0 (None stays None: all axes). An axis the shape does not have, or one
-    given twice, is an error naming op, axis and shape, not NumPy's from deep inside."""
+    given twice, is an error naming op, the argument (``name``), its value and the shape,
+    not NumPy's from deep inside."""
     if axis is None:
         return None
     axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
     if not all(isinstance(a, (int, np.integer)) for a in axes):
-        raise TypeError(f"{op}: axis must be an int or a tuple of ints, got {axis!r}")
+        raise TypeError(f"{op}: {name} must be an int or a tuple of ints, got {axis!r}")
     if not all(-len(shape) <= a < len(shape) for a in axes):
-        raise ValueError(f"{op}: axis {axis} is out of range for shape {shape}")
+        raise ValueError(f"{op}: {name} {axis} is out of range for shape {shape}")
     axes = tuple(int(a) % len(shape) for a in axes)  # -1 -> the last axis
     if len(set(axes)) < len(axes):
-        raise ValueError(f"{op}: axis {axis} names an axis twice (shape {shape})")
+        raise ValueError(f"{op}: {name} {axis} names an axis twice (shape {shape})")
     return axes
 
 
@@ -740,7 +743,7 @@ def transpose(x, axes=None):
     if axes is not None:
         # (-1, 0, 1) -> (2, 0, 1): argsort needs these, and a % ndim alone would take
         # axis 5 of a 2-D x for axis 1
-        given, axes = axes, _axes("transpose", x.shape, axes)
+        given, axes = axes, _axes("transpose", x.shape, axes, name="axes")
         if len(axes) != x.ndim:
             raise ValueError(f"transpose: axes {given} are not an order of all the "
                              f"{x.ndim} axes of shape {x.shape}")
