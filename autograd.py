@@ -343,10 +343,11 @@ def as_tensor(x, like=None):
     return tensor(x)
 
 
-def _input(op, x):
+def as_input(op, x):
     """A tensor input of ``op``: a Tensor passes through, a NumPy or CuPy array becomes a
-    constant (as next to a binary op), and anything else is a TypeError naming op, rather
-    than an AttributeError from inside it."""
+    constant (as next to a binary op; integer and boolean arrays, e.g. pixels, become
+    float32, as ``tensor()`` makes them), and anything else is a TypeError naming op,
+    rather than an AttributeError from inside it."""
     if isinstance(x, Tensor):
         return x
     if isinstance(x, get_array_module(x).ndarray):
@@ -544,7 +545,7 @@ def matmul(a, b):
 
 def neg(x):
     """-x."""
-    x = _input("neg", x)
+    x = as_input("neg", x)
     return record(-x.data, (x,), lambda g: (-g,))
 
 
@@ -553,7 +554,7 @@ def power(x, exponent):
     if not isinstance(exponent, numbers.Real):  # np.isscalar would pass a string
         raise TypeError(f"power: the exponent must be a number (Tensor ** Tensor is not "
                         f"supported), got {type(exponent).__name__}")
-    x = _input("power", x)
+    x = as_input("power", x)
     out = x.data ** exponent
     return record(out, (x,), lambda g: (g * exponent * x.data ** (exponent - 1),))
 
@@ -563,35 +564,35 @@ def power(x, exponent):
 # ----------------------------------------------------------------------------------
 def exp(x):
     """e^x;  d/dx = e^x (the output itself)."""
-    x = _input("exp", x)
+    x = as_input("exp", x)
     out = get_array_module(x.data).exp(x.data)
     return record(out, (x,), lambda g: (g * out,))
 
 
 def log(x):
     """natural log;  d/dx = 1/x."""
-    x = _input("log", x)
+    x = as_input("log", x)
     out = get_array_module(x.data).log(x.data)
     return record(out, (x,), lambda g: (g / x.data,))
 
 
 def log1p(x):
     """log(1 + x), accurate for small x;  d/dx = 1/(1 + x)."""
-    x = _input("log1p", x)
+    x = as_input("log1p", x)
     out = get_array_module(x.data).log1p(x.data)
     return record(out, (x,), lambda g: (g / (1 + x.data),))
 
 
 def sqrt(x):
     """sqrt(x);  d/dx = 1/(2 sqrt(x))."""
-    x = _input("sqrt", x)
+    x = as_input("sqrt", x)
     out = get_array_module(x.data).sqrt(x.data)
     return record(out, (x,), lambda g: (g * 0.5 / out,))
 
 
 def square(x):
     """x^2;  d/dx = 2x."""
-    x = _input("square", x)
+    x = as_input("square", x)
     out = x.data * x.data
     return record(out, (x,), lambda g: (g * 2 * x.data,))
 
@@ -620,14 +621,14 @@ def softplus_array(x):
 
 def sigmoid(x):
     """sigma(x) = 1/(1 + e^-x);  d/dx = sigma(x) (1 - sigma(x))."""
-    x = _input("sigmoid", x)
+    x = as_input("sigmoid", x)
     out = sigmoid_array(x.data)
     return record(out, (x,), lambda g: (g * out * (1 - out),))
 
 
 def softplus(x):
     """log(1 + e^x), stable for large |x|;  d/dx = sigma(x)."""
-    x = _input("softplus", x)
+    x = as_input("softplus", x)
     out = softplus_array(x.data)
     return record(out, (x,), lambda g: (g * sigmoid_array(x.data),))
 
@@ -642,7 +643,7 @@ def leaky_relu(x, slope=0.01):
         raise TypeError(f"leaky_relu: slope must be a number, got {slope!r}")
     if not 0 <= slope < 1:
         raise ValueError(f"leaky_relu: slope must be in [0, 1), got {slope}")
-    x = _input("leaky_relu", x)
+    x = as_input("leaky_relu", x)
     xp = get_array_module(x.data)
     out = xp.maximum(x.data, x.data * slope)
 
@@ -685,7 +686,7 @@ def _expand_reduced(g, shape, axes, keepdims):
 
 def sum(x, axis=None, keepdims=False):  # noqa: A001 (shadows builtins.sum on purpose, like np.sum)
     """Sum over axis (all axes if None);  d/dx = 1 for every summed element."""
-    x = _input("sum", x)
+    x = as_input("sum", x)
     axes = _axes("sum", x.shape, axis)
     out = x.data.sum(axis=axes, keepdims=keepdims)
     return record(out, (x,), lambda g: (_expand_reduced(g, x.shape, axes, keepdims),))
@@ -693,7 +694,7 @@ def sum(x, axis=None, keepdims=False):  # noqa: A001 (shadows builtins.sum on pu
 
 def mean(x, axis=None, keepdims=False):
     """Mean over axis;  d/dx = 1/n for each of the n averaged elements."""
-    x = _input("mean", x)
+    x = as_input("mean", x)
     axes = _axes("mean", x.shape, axis)
     out = x.data.mean(axis=axes, keepdims=keepdims)
     n = x.data.size // max(out.size, 1)
@@ -705,7 +706,7 @@ def logsumexp(x, axis=None, keepdims=False):
 
     d/dx_i = e^{x_i - out} (the softmax).
     """
-    x = _input("logsumexp", x)
+    x = as_input("logsumexp", x)
     axes = _axes("logsumexp", x.shape, axis)
     if 0 in (x.shape if axes is None else [x.shape[a] for a in axes]):
         raise ValueError(f"logsumexp: cannot reduce shape {x.shape} over axis {axis}: an "
@@ -729,7 +730,7 @@ def logsumexp(x, axis=None, keepdims=False):
 # ----------------------------------------------------------------------------------
 def reshape(x, shape):
     """Same values, new shape;  the gradient is reshaped back."""
-    x = _input("reshape", x)
+    x = as_input("reshape", x)
     try:
         out = x.data.reshape(shape)
     except ValueError:
@@ -739,7 +740,7 @@ def reshape(x, shape):
 
 def transpose(x, axes=None):
     """Permute axes (reverse them if None);  the gradient is permuted back."""
-    x = _input("transpose", x)
+    x = as_input("transpose", x)
     if axes is not None:
         # (-1, 0, 1) -> (2, 0, 1): argsort needs these, and a % ndim alone would take
         # axis 5 of a 2-D x for axis 1
@@ -754,7 +755,7 @@ def transpose(x, axes=None):
 
 def getitem(x, index):
     """x[index] (slices, integers, integer arrays);  the gradient is scattered back."""
-    x = _input("getitem", x)
+    x = as_input("getitem", x)
     if isinstance(index, Tensor):
         index = index.data
     check_same_device("getitem", x, index)  # an index array must live where x does
@@ -773,7 +774,7 @@ def concatenate(tensors, axis=0):
     if isinstance(tensors, Tensor) or hasattr(tensors, "shape"):  # would be joined row by row
         raise TypeError(f"concatenate: expected a list or tuple of tensors, got "
                         f"{type(tensors).__name__}")
-    tensors = tuple(_input("concatenate", t) for t in tensors)  # a list, tuple, generator...
+    tensors = tuple(as_input("concatenate", t) for t in tensors)  # a list, tuple, generator...
     if not tensors:
         raise ValueError("concatenate: expected at least one tensor, got none")
     check_same_device("concatenate", *tensors)

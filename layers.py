@@ -22,8 +22,8 @@ import math
 import numpy as np
 
 import kernels
-from autograd import (Tensor, check_same_device, get_array_module, leaky_relu, no_grad,
-                      record, softplus, to_device, to_numpy)
+from autograd import (Tensor, as_input, check_same_device, get_array_module, leaky_relu,
+                      no_grad, record, softplus, to_device, to_numpy)
 
 
 # ----------------------------------------------------------------------------------
@@ -179,18 +179,6 @@ def first_nonfinite_module(model, run):
 # ----------------------------------------------------------------------------------
 # Dense
 # ----------------------------------------------------------------------------------
-def _as_input(op, x, dtype):
-    """x itself if it is a Tensor; a NumPy or CuPy array as a constant Tensor (no gradient),
-    with integers and booleans (e.g. pixels) converted to ``dtype``, the weights' float
-    type, rather than promoting the product. Without this, ``x.data`` of an array would be
-    its raw memoryview. Anything else is a TypeError naming ``op``."""
-    if isinstance(x, Tensor):
-        return x
-    if not isinstance(x, get_array_module(x).ndarray):
-        raise TypeError(f"{op}: expected a Tensor or an array, got {type(x).__name__}")
-    return Tensor(x.astype(dtype) if x.dtype.kind in "biu" else x)
-
-
 def _check_weight_and_bias(op, weight, bias):
     """A dense layer's weight must be 2-D (n_in, n_out) and its bias (if any) hold one value
     per output: a bias of another length would broadcast, or fail inside NumPy."""
@@ -207,9 +195,8 @@ def linear(x, weight, bias=None):
     Backward: dx = g W^T,  dW = x^T g,  db = sum of g over the rows.
     Leading axes of x (batch, importance samples) are folded into rows.
     """
-    weight = _as_input("linear", weight, np.float32)
-    x = _as_input("linear", x, weight.dtype)
-    bias = None if bias is None else _as_input("linear", bias, weight.dtype)
+    weight, x = as_input("linear", weight), as_input("linear", x)
+    bias = None if bias is None else as_input("linear", bias)
     check_same_device("linear", x, weight)
     _check_weight_and_bias("linear", weight, bias)
     if x.ndim == 0 or x.shape[-1] != weight.shape[0]:
@@ -314,7 +301,7 @@ class Dense(Module):
 
     def forward(self, x):
         """x W + b for a Tensor x; a NumPy or CuPy array becomes a constant Tensor."""
-        return linear(_as_input("Dense", x, self.weight.dtype), self.weight, self.bias)
+        return linear(as_input("Dense", x), self.weight, self.bias)
 
 
 # ----------------------------------------------------------------------------------
@@ -384,7 +371,7 @@ def batch_norm(x, gamma, beta, eps, mean=None, var=None, slope=None):
     Returns (y, mean, variance): the batch's statistics in training, the given ones in
     evaluation.
     """
-    x = _as_input("batch_norm", x, gamma.dtype)
+    x = as_input("batch_norm", x)
     check_same_device("batch_norm", x, gamma)
     if x.ndim == 0 or x.shape[-1] != gamma.shape[0]:
         raise ValueError(f"batch_norm: input of shape {x.shape} for {gamma.shape[0]} features: "
