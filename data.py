@@ -61,6 +61,20 @@ MNIST_RAW_SHA256 = {
     TEST_LABELS: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 
+# SHA-256 of the decompressed Fashion-MNIST IDX files (Zalando's), checked on the content
+# so that any gzip of it, or none, passes. Taken from Debian's dataset-fashion-mnist
+# 0.0~git20200523.55506a9-1, whose .gz files are upstream's with the file name dropped
+# from the gzip header (each 23 or 24 bytes, the name's length, smaller than upstream's
+# 26421880, 29515, 4422102 and 5148 bytes); their content has 6000 train and 1000 test
+# images per class and the published mean pixel, 0.2860. None skips the check (the
+# tests' small fake data sets).
+FASHION_MNIST_RAW_SHA256 = {
+    TRAIN_IMAGES: "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    TRAIN_LABELS: "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    TEST_IMAGES: "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    TEST_LABELS: "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+
 # (train, test) sizes.  OMNIGLOT's are those of the 28x28 chardata.mat used by
 # the IWAE and LVAE papers.
 SPLIT_SIZES = {
@@ -196,8 +210,11 @@ def _split(images_file, labels_file, n_expected):
     return x, labels.copy()
 
 
-def _load_idx_folder(folder, name):
-    """Load the four IDX files of an MNIST-like data set from ``folder``."""
+def _load_idx_folder(folder, name, raw_sha256=None):
+    """Load the four IDX files of an MNIST-like data set from ``folder``; with
+    ``raw_sha256`` ({file name: SHA-256 of its decompressed bytes}) each file's content
+    is checked last, once its format is known to be right, so that a damaged file gets
+    the format's own error and a well-formed file of other data is named as such."""
     f = {}
     for idx_name in IDX_FILES:
         path = _find_file(folder, idx_name)
@@ -207,6 +224,11 @@ def _load_idx_folder(folder, name):
     n_train, n_test = SPLIT_SIZES[name]
     train = _split(f[TRAIN_IMAGES], f[TRAIN_LABELS], n_train)
     test = _split(f[TEST_IMAGES], f[TEST_LABELS], n_test)
+    for idx_name, (path, blob) in f.items():
+        if raw_sha256 is not None and _sha256(blob) != raw_sha256[idx_name]:
+            raise DataError(f"{path}: not {name}'s {idx_name} (its SHA-256 differs: another "
+                            f"data set, e.g. MNIST, or a damaged copy); get a fresh one, e.g. "
+                            f"`apt-get install --reinstall dataset-fashion-mnist`")
     return _freeze(Dataset(*train, *test, name))
 
 
@@ -307,7 +329,7 @@ def load_fashion_mnist(root=None):
         if all(_find_file(folder, f) for f in IDX_FILES):
             key = ("fashion_mnist", str(folder.resolve()))
             if key not in _CACHE:
-                _CACHE[key] = _load_idx_folder(folder, "fashion_mnist")
+                _CACHE[key] = _load_idx_folder(folder, "fashion_mnist", FASHION_MNIST_RAW_SHA256)
             return _CACHE[key]
     searched = ", ".join(str(f) for f in folders)
     raise DataError(

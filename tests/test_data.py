@@ -49,8 +49,9 @@ def write_idx_folder(folder, n_train=6, n_test=4, gz=True, seed=0):
 
 @pytest.fixture
 def small_fashion(monkeypatch):
-    """Let the Fashion-MNIST loader accept a 6/4 split (fake data)."""
+    """Let the Fashion-MNIST loader accept a 6/4 split of fake data (not its checksums)."""
     monkeypatch.setitem(data.SPLIT_SIZES, "fashion_mnist", (6, 4))
+    monkeypatch.setattr(data, "FASHION_MNIST_RAW_SHA256", None)
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +226,36 @@ def test_fashion_mnist_from_folder(tmp_path, small_fashion):
         np.testing.assert_allclose(
             ds.train_x, arrays[data.TRAIN_IMAGES].reshape(6, 784) / 255, rtol=1e-6)
         assert np.array_equal(ds.test_y, arrays[data.TEST_LABELS])
+
+
+def test_fashion_mnist_content_is_checked_after_its_format(tmp_path, monkeypatch, small_fashion):
+    """A well-formed file of other data is named as such; the right content passes,
+    gzipped or not, whatever the gzip."""
+    arrays = write_idx_folder(tmp_path / "gz", gz=True)
+    write_idx_folder(tmp_path / "raw", gz=False)
+    expected = {name: hashlib.sha256(idx_bytes(a)).hexdigest() for name, a in arrays.items()}
+    monkeypatch.setattr(data, "FASHION_MNIST_RAW_SHA256", expected)
+    for folder in ("gz", "raw"):
+        assert data.load_fashion_mnist(tmp_path / folder).train_x.shape == (6, 784)
+    write_idx_folder(tmp_path / "other", seed=1)
+    with pytest.raises(DataError, match=r"other/train-images-idx3-ubyte.gz: not fashion_mnist's "
+                                        r"train-images-idx3-ubyte \(its SHA-256 differs"):
+        data.load_fashion_mnist(tmp_path / "other")
+
+
+def test_mnist_files_given_as_fashion_mnist_are_refused(tmp_path):
+    """They have Fashion-MNIST's format and sizes: only the content tells them apart."""
+    shutil.copytree(data.MNIST_DIR, tmp_path / "fashion-mnist")
+    with pytest.raises(DataError, match="not fashion_mnist's train-images-idx3-ubyte"):
+        data.load_fashion_mnist(tmp_path / "fashion-mnist")
+
+
+@pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST_DIR.is_dir(),
+                    reason="needs Debian's dataset-fashion-mnist")
+def test_debian_fashion_mnist_matches_the_checksums():
+    ds = data.load_fashion_mnist(data.DEBIAN_FASHION_MNIST_DIR)
+    assert np.bincount(ds.train_y).tolist() == [6000] * 10
+    assert abs(float(ds.train_x.mean()) - 0.2860) < 1e-4  # the published mean pixel
 
 
 def test_fashion_mnist_from_env_var(tmp_path, monkeypatch, small_fashion):
