@@ -338,6 +338,9 @@ def as_tensor(x, like=None):
         dtype = like.dtype
         if dtype.kind != "f":  # a Python number is "weak" here: int32 and 2 stay int32
             dtype = np.result_type(dtype, x if np.isscalar(x) else array)
+            if dtype.kind in "iu" and isinstance(x, int) and not (
+                    np.iinfo(dtype).min <= x <= np.iinfo(dtype).max):  # the cast would wrap
+                raise OverflowError(f"Python integer {x} out of bounds for {dtype}")
         xp = get_array_module(like.data)  # one copy to the GPU, already in its final dtype
         return Tensor(xp.asarray(array, dtype=dtype))
     return tensor(x)

@@ -796,6 +796,8 @@ def test_numbers_next_to_integer_tensors_promote_as_in_numpy():
         assert got.dtype == np.float64
         np.testing.assert_allclose(got, expected)
     assert (Tensor(np.array([1, 2], np.int32)) + 2).dtype == np.int32  # a Python int is "weak"
+    with pytest.raises(OverflowError, match="Python integer 300 out of bounds for uint8"):
+        Tensor(np.array([0], np.uint8)) + 300  # NumPy 2 raises too; the cast gave 44
 
 
 def test_requires_grad_needs_floating_point_data():
