@@ -16,7 +16,6 @@ check against finite differences than a chain of small ones.
 """
 import collections.abc
 import copy
-import itertools
 import math
 
 import numpy as np
@@ -463,29 +462,33 @@ def recompute_batchnorm_statistics(model, batches, forward):
     moving averages of training. ``forward(batch)`` runs the model in training mode
     (without recording gradients) so that each batch norm sees batch statistics.
     """
-    # look at the first batch before resetting anything: with no batches at all (an empty
-    # list, a generator already used up) the reset would leave every batch norm at
-    # mean 0, variance 1, silently throwing the trained statistics away
-    batches = iter(batches)
-    try:
-        first = next(batches)
-    except StopIteration:
-        raise ValueError("recompute_batchnorm_statistics: no batches (an empty list, or a "
-                         "generator already used up?); the statistics are left as they "
-                         "were") from None
     norms = [m for m in model.modules() if isinstance(m, BatchNorm)]
-    momenta = [bn.momentum for bn in norms]
+    # what to put back if this fails: after no batches at all (an empty list, a generator
+    # already used up), an error or Ctrl-C midway, the statistics are the trained ones,
+    # not mean 0, variance 1 or an average over part of the data
+    saved = [(bn.momentum, bn.running_mean.data.copy(), bn.running_var.data.copy(),
+              bn.batches_seen) for bn in norms]
     modes = [(m, m.training) for m in model.modules()]  # every module's flag, not only BN's
     for bn in norms:
         bn.reset_running_stats()
         bn.momentum = None
     model.train()
+    done = False
     try:
         with no_grad():
-            for batch in itertools.chain([first], batches):
+            for batch in batches:
                 forward(batch)
+                done = True
+        if not done:
+            raise ValueError("recompute_batchnorm_statistics: no batches (an empty list, or "
+                             "a generator already used up?); the statistics are left as they "
+                             "were")
+    except BaseException:
+        for bn, (_, mean, var, seen) in zip(norms, saved):
+            bn.running_mean.data[...], bn.running_var.data[...], bn.batches_seen = mean, var, seen
+        raise
     finally:
-        for bn, momentum in zip(norms, momenta):
+        for bn, (momentum, *_) in zip(norms, saved):
             bn.momentum = momentum
         for m, training in modes:
             m.training = training

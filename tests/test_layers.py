@@ -258,15 +258,28 @@ def test_recompute_batchnorm_statistics(was_training):
     assert not any(o.requires_grad for o in outputs), "the statistics pass should record no graph"
 
 
-def test_recompute_batchnorm_statistics_restores_flags_on_error():
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_recompute_batchnorm_statistics_restores_everything_on_error(error):
+    """An error (or Ctrl-C) in the second batch: the statistics are the trained ones
+    again, not the reset values nor an average over the first batch."""
     model = MLP(3, [4], rng=np.random.default_rng(8)).eval()
+    norm = model.norms[0]
+    norm.running_mean.data[...], norm.running_var.data[...] = 2.0, 3.0  # "trained" values
+    norm.batches_seen = 7
+    calls = []
 
     def failing_forward(batch):
         model(Tensor(batch))
-        raise RuntimeError("boom")
-    with pytest.raises(RuntimeError, match="boom"):
-        recompute_batchnorm_statistics(model, [np.ones((4, 3), np.float32)], failing_forward)
-    assert model.norms[0].momentum == 0.1 and not model.norms[0].training, (
+        calls.append(1)
+        if len(calls) == 2:
+            raise error("boom")
+    batches = [np.random.default_rng(i).random((4, 3)).astype(np.float32) for i in range(3)]
+    with pytest.raises(error, match="boom"):
+        recompute_batchnorm_statistics(model, batches, failing_forward)
+    np.testing.assert_array_equal(norm.running_mean.data, 2.0, err_msg="the mean was not restored")
+    np.testing.assert_array_equal(norm.running_var.data, 3.0, err_msg="the variance was not restored")
+    assert norm.batches_seen == 7
+    assert norm.momentum == 0.1 and not norm.training, (
         "momentum and training flag should be restored even when forward raises")
     assert autograd.is_grad_enabled(), "gradient recording should be back on"
 
