@@ -191,6 +191,9 @@ class Tensor:
         if not numeric:
             raise TypeError(f"Tensor data must be a NumPy or CuPy array of numbers, got "
                             f"{_describe(data)}; tensor() converts lists and numbers")
+        if isinstance(data, _MISLEADING_ARRAYS):
+            raise TypeError(f"Tensor data must be a plain array, got {type(data).__name__}: "
+                            f"{_MISLEADING_ARRAYS_WHY}")
         if requires_grad and data.dtype.kind != "f":  # else grads and updates round to integers
             raise TypeError(f"a Tensor with requires_grad=True must hold floating-point numbers, "
                             f"got dtype {data.dtype}: the gradient of an integer or boolean "
@@ -360,6 +363,11 @@ def as_input(op, x):
 
 
 NUMERIC_KINDS = "biuf"  # dtype kinds bool, int, unsigned, float: what arithmetic takes
+# NumPy subclasses whose arithmetic would silently differ from the ops' maths
+_MISLEADING_ARRAYS = (np.matrix, np.ma.MaskedArray)
+_MISLEADING_ARRAYS_WHY = ("a np.matrix's * is a matrix product, and a masked array's mask "
+                          "would be ignored by the ops; convert with np.asarray(x), or for "
+                          "a masked array x.filled(value)")
 
 
 def _describe(x):
@@ -371,6 +379,9 @@ def _numeric_array(x):
     """x itself if it is an array (NumPy or CuPy) or a NumPy scalar, else x as a NumPy
     array (a number or a list: checked on the host, before any copy to a GPU); refused
     unless it holds numbers (None would become NaN, and a string an array no op can use)."""
+    if isinstance(x, _MISLEADING_ARRAYS):
+        raise TypeError(f"expected a plain array, got {type(x).__name__}: "
+                        f"{_MISLEADING_ARRAYS_WHY}")
     if hasattr(x, "dtype") and hasattr(x, "shape"):
         array = x
     else:

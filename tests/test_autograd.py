@@ -506,6 +506,26 @@ def test_data_that_is_not_numbers_is_refused():
     assert autograd.tensor(True).dtype == np.float32 and (x + np.int64(2)).dtype == np.float32
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_matrix_and_masked_arrays_are_refused():
+    """np.matrix's * is a matrix product, so Tensor(m) * Tensor(m) gave m @ m with no
+    error; a masked array's mask was dropped by the ops. Both are refused wherever data
+    comes in: Tensor(), tensor(), and an array next to a binary op or given to a layer."""
+    matrix = np.matrix([[1.0, 2.0], [3.0, 4.0]])
+    masked = np.ma.masked_array([1.0, 2.0], mask=[False, True])
+    for data in (matrix, masked):
+        with pytest.raises(TypeError, match="Tensor data must be a plain array, got"):
+            Tensor(data)
+        with pytest.raises(TypeError, match="expected a plain array, got"):
+            autograd.tensor(data)
+    with pytest.raises(TypeError, match="matrix.*np.matrix's \\* is a matrix product"):
+        Tensor(np.ones((2, 2))) * matrix
+    with pytest.raises(TypeError, match="MaskedArray.*mask would be ignored"):
+        autograd.exp(masked)
+    plain = Tensor(np.asarray(matrix))  # the conversion the message suggests
+    np.testing.assert_array_equal((plain * plain).data, [[1.0, 4.0], [9.0, 16.0]])
+
+
 ONE_INPUT_OPS = [(name, getattr(autograd, name)) for name in (
     "exp", "log", "log1p", "sqrt", "square", "sigmoid", "softplus", "leaky_relu", "neg",
     "sum", "mean", "logsumexp", "transpose")] + [
