@@ -1364,10 +1364,12 @@ def main():
         eval_throughput(res)
         peak_memory(res)
         cpu_summary(res)
+    missing_cuda = False
     if ARGS.device in ("cuda", "all"):
         if cupy is None:
             rep.section("GPU")
             rep(f"  skipped: no CUDA: {autograd.cuda_problem()}")
+            missing_cuda = ARGS.device == "cuda"  # asked for by name: the run failed
         else:
             gpu_kernels(res)
             gpu_steps(res)
@@ -1381,6 +1383,9 @@ def main():
     if ARGS.out:
         rep.write(ARGS.out)
         print(f"wrote {ARGS.out}")
+    if missing_cuda:
+        print("error: --device cuda, but CUDA is not available here", file=sys.stderr)
+        return 1
     return 0
 
 

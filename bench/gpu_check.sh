@@ -11,7 +11,7 @@
 # later steps still run. Give the command that runs this script a limit of 590 s or more.
 # LIMIT_TESTS, LIMIT_BENCH and LIMIT_TRAIN (seconds) override the three limits.
 #
-# It writes six files into OUT_DIR (the device tool brings back at most 8).
+# It writes seven files into OUT_DIR (the device tool brings back at most 8).
 # Then copy the reports to bench/results/ as DATE-GPU-*.txt and add them to its README.
 out=${1:-${OUT:-out/gpu}}
 mkdir -p "$out"
@@ -33,6 +33,14 @@ step() {
 }
 
 { date -u; nvidia-smi 2>&1 || echo "nvidia-smi: not found"; python -c "import cupy; cupy.show_config()" 2>&1; } > "$out/machine.txt"
+
+# Without a working CUDA device every gpu test is skipped and pytest exits 0: that must not
+# read as passed. This line names what is missing (CuPy, the driver, a device).
+python -c "import autograd, sys; sys.exit(0 if autograd.cuda_available() else
+  'no CUDA: ' + autograd.cuda_problem())" > "$out/cuda.txt" 2>&1 \
+  && echo "CUDA: available" | tee -a "$out/summary.txt" \
+  || { status=1; echo "CUDA: NOT available, the GPU tests will all skip: $(cat "$out/cuda.txt")" \
+       | tee -a "$out/summary.txt"; }
 
 step "1/3 pytest -m gpu" "${LIMIT_TESTS:-270}" "$out/gpu-tests.txt" \
   python -m pytest -m gpu -q -ra

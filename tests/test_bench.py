@@ -39,3 +39,37 @@ def test_an_out_folder_without_write_permission_is_refused(tmp_path):
     locked.mkdir(mode=0o500)
     proc = run_bench("--quick", f"--out={locked}/report.txt")
     assert proc.returncode == 2 and f"no permission to write in {locked}" in proc.stderr
+
+
+def test_device_cuda_without_cuda_fails_after_writing_its_report(tmp_path):
+    """--device cuda names the GPU: on a machine without one the run must not end with
+    exit 0, or bench/gpu_check.sh would report a GPU benchmark that never ran as passed.
+    (--device all benchmarks whatever is present and still exits 0.)"""
+    import autograd
+    if autograd.cuda_available():
+        pytest.skip("CUDA is available here: the GPU benchmark would run")
+    report = tmp_path / "report.txt"
+    proc = run_bench("--device=cuda", "--quick", f"--out={report}")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "error: --device cuda, but CUDA is not available here" in proc.stderr
+    assert "skipped: no CUDA" in report.read_text()  # the report says why, and is kept
+
+
+def test_gpu_check_without_cuda_says_so_and_fails(tmp_path):
+    """bench/gpu_check.sh is what a session with a lent GPU runs, once, in its few minutes.
+    Where CUDA is missing (CuPy not installed, no driver) every gpu test skips and pytest
+    exits 0: the script must still fail, and its summary name what is missing."""
+    import autograd
+    if autograd.cuda_available():
+        pytest.skip("CUDA is available here: the script would run the real checks")
+    proc = subprocess.run(["sh", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("CUDA: NOT available, the GPU tests will all skip: no CUDA: ")
+    assert autograd.cuda_problem() in summary[0]
+    assert [line.split(":")[0] for line in summary[1:]] == [
+        "1/3 pytest -m gpu", "2/3 bench.py --device cuda",
+        "3/3 train.py --device=cuda --epochs=2 --warmup=0"]
+    assert "exit 1" in summary[2] and "exit 1" in summary[3]  # both refuse, not skip
