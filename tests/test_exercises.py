@@ -585,6 +585,20 @@ def test_grade_names_json_that_is_not_a_notebook(tmp_path, capsys, text):
     assert f"ValueError: {path}: not a Jupyter notebook (JSON, but not an object" in out, out
 
 
+def test_grade_keeps_the_kernels_start_up_warnings_out_of_the_report(capfd):
+    """ipykernel 7 logs a warning about TCP without encryption at every kernel start:
+    seven of them interleaved with the report. The kernel runs with --log-level=ERROR,
+    and still runs the cells."""
+    _need_jupyter()
+    import nbformat
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    grade.execute(nb)
+    assert nb.cells[0].outputs[0].text == "42\n"
+    assert "WARNING" not in capfd.readouterr().err
+
+
 def test_grade_refuses_a_shortened_option_name(capsys):
     with pytest.raises(SystemExit) as e:  # argparse took --sol for --solutions
         grade.main(["--sol"])

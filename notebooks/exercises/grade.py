@@ -137,7 +137,10 @@ def solution_source(notebook_path):
 def execute(nb, timeout=300):
     """Run every cell in a fresh kernel, in this folder; errors are kept as outputs."""
     from nbclient import NotebookClient
+    # --log-level=ERROR: the kernel's start-up warnings (ipykernel 7 warns on every start
+    # that it talks over local TCP unencrypted) would otherwise interleave with the report
     NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
+                   extra_arguments=["--log-level=ERROR"],
                    resources={"metadata": {"path": HERE}}).execute()
     return nb
 
