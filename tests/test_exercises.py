@@ -585,6 +585,16 @@ def test_grade_names_json_that_is_not_a_notebook(tmp_path, capsys, text):
     assert f"ValueError: {path}: not a Jupyter notebook (JSON, but not an object" in out, out
 
 
+def test_grade_solutions_in_a_students_copy(tmp_path, monkeypatch, capsys):
+    """In a copy without solutions/ (the handout), --solutions is a usage error saying
+    why, not one FileNotFoundError per notebook."""
+    monkeypatch.setattr(grade, "SOLUTIONS", str(tmp_path / "solutions"))
+    with pytest.raises(SystemExit) as e:
+        grade.main(["--solutions"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "students' copy" in err, err
+
+
 def test_grade_keeps_the_kernels_start_up_warnings_out_of_the_report(capfd):
     """ipykernel 7 logs a warning about TCP without encryption at every kernel start:
     seven of them interleaved with the report. The kernel runs with --log-level=ERROR,

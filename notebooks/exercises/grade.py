@@ -247,6 +247,10 @@ def main(argv=None):
                         help="grade the reference solutions in solutions/")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per cell")
     args = parser.parse_args(argv)
+    if args.solutions and not os.path.isdir(SOLUTIONS):
+        parser.error(f"--solutions: there is no {SOLUTIONS} folder: this looks like a "
+                     f"students' copy, from which the handout deletes it; run --solutions "
+                     f"in your own copy of the repository")
 
     if args.paths:
         notebooks, lines, all_pass = collect(args.paths)
