@@ -53,7 +53,7 @@ min_lr = 2e-4                   # the last epoch's lr when decay_lr is on
 clip_norm = 0.0                 # clip the global gradient norm (0 = off)
 iw_samples = 1                  # K > 1 trains on the importance-weighted bound L_K
 eval_interval = 50              # epochs between test evaluations (0 = only at the end)
-eval_lk_samples = 1000          # K of the test bound L_K in the periodic evaluations
+eval_lk_samples = 1000          # K of the test bound L_K in the periodic evaluations (0 = skip)
 eval_lk_images = 2000           # first test images used for L_K (0 = all: 10000 for MNIST)
 final_lk_samples = 5000         # K of the final evaluation (the paper's L_5000; 0 = skip)
 final_lk_images = 0             # test images for the final L_K (0 = all)
