@@ -1,6 +1,6 @@
-"""Evaluate a trained checkpoint the way the paper reports results: the importance-
-weighted bound L_K (K = 5000) on the test set, with batch-norm statistics collected over
-the training set.
+"""Evaluate a trained checkpoint the way the paper reports results: the
+importance-weighted bound L_K (K = 5000) on the test set, with batch-norm statistics
+collected over the training set.
 
     python evaluate.py runs/lvae/ckpt.npz                       # L_5000 on all 10000 test images
     python evaluate.py runs/lvae/ckpt.npz --samples=1000 --images=2000 --device=cuda

@@ -62,6 +62,15 @@ def test_shortened_option_names_are_usage_errors(tmp_path, capsys, arg):
     assert f"unrecognized arguments: {arg}" in capsys.readouterr().err
 
 
+def test_help_describes_the_bound_in_whole_words(capsys):
+    """--help's first paragraph comes from the module docstring, which argparse re-wraps:
+    a line broken after "importance-" printed as "importance- weighted"."""
+    with pytest.raises(SystemExit):
+        evaluate.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the importance-weighted bound L_K (K = 5000)" in text, text
+
+
 def test_more_images_than_the_test_set_is_a_usage_error(tmp_path, capsys, monkeypatch):
     """--images=99999 used to be quietly cut to the 10000 test images: the user asked for
     a number the test set cannot give (0 asks for all), so it is an error, found before
