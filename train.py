@@ -84,7 +84,10 @@ def usage():
 def apply_overrides(args, namespace):
     """--key=value overrides, checked against the defaults' types."""
     if "--help" in args or "-h" in args:
-        print(usage())
+        try:
+            print(usage(), flush=True)
+        except BrokenPipeError:  # `python train.py --help | head`: head has read its lines
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
         raise SystemExit(0)
     given = {}  # key -> the argument that set it
     for arg in args:

@@ -992,6 +992,21 @@ def test_script_prints_expected_errors_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_help_into_a_closed_pipe_is_not_an_error():
+    """`python train.py --help | head` used to print "error: [Errno 32] Broken pipe" (and
+    exit 1) when head had closed the pipe before the help was written. Here the pipe is
+    closed before the script starts writing, so the write always fails."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                cwd=ROOT, timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
 # ----------------------------------------------------------------------------------
 # NaN handling
 # ----------------------------------------------------------------------------------
