@@ -40,6 +40,12 @@ def _save(fig, path):
     return path
 
 
+def _dot_if_one(points):
+    """Line options that mark the point of a one-epoch curve, which a line alone leaves
+    invisible (a one-epoch run's train ELBO and KL curves were blank)."""
+    return {"marker": "o", "ms": 4} if len(points) == 1 else {}
+
+
 def _as_images(images, shape):
     """Return ``images`` as an (N, H, W) float array, checking sizes."""
     images = np.asarray(images, dtype=float)
@@ -77,7 +83,8 @@ def learning_curves(metrics, path):
     _check_metrics(metrics, ["epoch", "train_elbo"])
     epochs = [m["epoch"] for m in metrics]
     fig, ax = _subplots(figsize=(7, 4.5))
-    ax.plot(epochs, [m["train_elbo"] for m in metrics], label="train ELBO", lw=1.5)
+    ax.plot(epochs, [m["train_elbo"] for m in metrics], label="train ELBO", lw=1.5,
+            **_dot_if_one(epochs))
 
     def evaluated(key):
         pts = [(m["epoch"], m[key]) for m in metrics if m.get(key) is not None]
@@ -126,14 +133,15 @@ def kl_per_layer(metrics, path, units=None):
     fig, ax = _subplots(figsize=(7, 4.5))
     for i in range(n_layers):
         label = f"z{i + 1}" + (f" ({units[i]} units)" if units is not None else "")
-        ax.plot(epochs, kl[:, i], lw=1.5, label=label)
+        ax.plot(epochs, kl[:, i], lw=1.5, label=label, **_dot_if_one(epochs))
     ax.set_yscale("symlog", linthresh=0.01)
     ax.set_xlabel("epoch")
     ax.set_ylabel("KL (nats, symlog scale)")
     ax.set_title("KL divergence per stochastic layer")
     ax.grid(alpha=0.3)
     twin = ax.twinx()
-    twin.plot(epochs, [m["beta"] for m in metrics], "k--", lw=1, label="beta")
+    twin.plot(epochs, [m["beta"] for m in metrics], "k--", lw=1, label="beta",
+              **_dot_if_one(epochs))
     twin.set_ylabel("beta (warm-up)")
     twin.set_ylim(0, max(1.0, max(m["beta"] for m in metrics)) * 1.05)
     lines = ax.get_lines() + twin.get_lines()
@@ -182,7 +190,7 @@ def compare_runs(runs, path, bound_name="L_K"):
             color, style, label = f"C{v % 10}", "-", run["variant"]
         metrics = run["metrics"]
         left.plot([m["epoch"] for m in metrics], [m["train_elbo"] for m in metrics],
-                  style, color=color, lw=1.3, label=label)
+                  style, color=color, lw=1.3, label=label, **_dot_if_one(metrics))
         tests = [(m["epoch"], m["test_elbo"]) for m in metrics if m.get("test_elbo") is not None]
         if tests:
             left.plot(*zip(*tests), "o", color=color, ms=4)

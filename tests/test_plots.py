@@ -83,6 +83,26 @@ def test_learning_curves_without_eval_epochs(tmp_path):
     assert_png(plots.learning_curves(metrics, tmp_path / "c.png"))
 
 
+def test_a_one_epoch_run_is_drawn(tmp_path, monkeypatch):
+    """One epoch is one point: a line alone draws nothing, so a one-epoch run's train
+    ELBO, KL and beta curves were blank. Each such curve gets a marker."""
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    metrics = fake_metrics(epochs=1, eval_every=1)
+    plots.learning_curves(metrics, tmp_path / "c.png")
+    plots.kl_per_layer(metrics, tmp_path / "kl.png")
+    plots.compare_runs([{"variant": "VAE", "layers": 5, "metrics": metrics, "bound": None}],
+                       tmp_path / "cmp.png")
+    lines = [line for fig in figures for ax in fig.axes for line in ax.get_lines()]
+    assert len(lines) == 3 + 6 + 2  # (train, test, L_K), (5 layers, beta), (train, test)
+    for line in lines:
+        assert line.get_marker() not in (None, "None", ""), line.get_label()
+    # a longer run keeps its plain lines
+    figures.clear()
+    plots.learning_curves(fake_metrics(epochs=3), tmp_path / "c3.png")
+    assert figures[0].axes[0].get_lines()[0].get_marker() in (None, "None", "")
+
+
 def test_learning_curves_rejects_empty_and_missing_keys(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         plots.learning_curves([], tmp_path / "c.png")
