@@ -7,7 +7,9 @@ of each model variant against the number of stochastic layers.
 Each argument is a folder that train.py wrote: its ``ckpt.npz`` holds the configuration
 that names the run, ``metrics.jsonl`` one record per epoch, and ``final.json`` (once the
 run has finished) the test ELBO and L_K. The run's name is the paper's: VAE or LVAE,
-then +BN for batch normalisation and +WU for warm-up, e.g. LVAE+BN+WU.
+then +BN for batch normalisation and +WU for warm-up, e.g. LVAE+BN+WU. The runs' final
+L_K must have the same K and test images (train.py's --final_lk_samples and
+--final_lk_images); runs without a final L_K are drawn without one.
 
 Prints a Markdown table of the runs and writes one PNG (see plots.compare_runs).
 """
@@ -154,7 +156,10 @@ def main(argv):
     if len(set(evaluations.values())) > 1:
         raise RunError("the runs' final bounds are not comparable, they differ in K or in the "
                        "test images: " + ", ".join(f"{f}: L_{k} on {n} images"
-                                                    for f, (k, n) in evaluations.items()))
+                                                    for f, (k, n) in evaluations.items())
+                       + ". Run train.py again on a finished run with the others' "
+                       "--final_lk_samples and --final_lk_images (and its other options "
+                       "unchanged): it redoes only the final evaluation")
 
     print("| run | epochs | test ELBO | test L_K | active units | folder |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -75,8 +75,10 @@ def test_bounds_with_different_k_or_images_are_refused(tmp_path):
     b = make_run(tmp_path / "b", final(-89, k=5000))
     c = make_run(tmp_path / "c", final(-89, images=10000))
     for other in (b, c):
-        with pytest.raises(compare.RunError, match="not comparable"):
+        with pytest.raises(compare.RunError, match="not comparable") as e:
             compare.main([a, other, "--out", str(tmp_path / "x.png")])
+        # and what to do about it
+        assert "--final_lk_samples and --final_lk_images" in str(e.value)
     assert not (tmp_path / "x.png").exists()
 
 
