@@ -430,6 +430,9 @@ def main(argv):
         # it describes the weights of an earlier end (a shorter --epochs): not this run's
         os.remove(final_path)
         print(f"removed {final_path}: it was written at an earlier end of this run")
+    if state["epoch"] >= epochs:  # e.g. the same command run again, or other --final_lk_*
+        print(f"the checkpoint holds {state['epoch']} epochs and --epochs={epochs}: nothing to "
+              f"train, only the final evaluation runs again (a larger --epochs trains on)")
 
     def save(epoch, step, sums, epoch_rng_state):
         check_weights_finite(net, f"epoch {epoch + 1 if step else epoch}", ckpt_path, optimizer)

@@ -1270,7 +1270,10 @@ def test_running_a_finished_run_again_keeps_its_final_json(run, tmp_path, monkey
     capsys.readouterr()
     monkeypatch.setattr(lvae, "kl_per_unit", interrupt_on_call(lvae.kl_per_unit, 1, how="raise"))
     assert run(out, "--epochs=1", "--final_lk_samples=0", final=True) == 1
-    assert "removed" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "removed" not in printed
+    assert ("the checkpoint holds 1 epochs and --epochs=1: nothing to train, only the final "
+            "evaluation runs again (a larger --epochs trains on)") in printed
     assert json.loads((out / "final.json").read_text())["epoch"] == 1
 
 
