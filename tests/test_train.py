@@ -440,13 +440,17 @@ def test_sigterm_then_resume_is_identical(run, tmp_path, monkeypatch):
     not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system"))])
 def test_script_saves_on_sigterm(tmp_path, stop):
     """The real thing: train.py started as a script, sent SIGTERM (`kill`) or SIGHUP (the
-    terminal was closed) during its first epoch."""
+    terminal was closed) during its first epoch. The child starts with the signal at its
+    default, as from a terminal: under `nohup pytest` it would inherit SIGHUP ignored, and
+    train.py rightly keeps running then (the next test)."""
     out = tmp_path / "run"
     command = [sys.executable, str(ROOT / "train.py"), "--z_dims=4,2", "--hidden=16,8",
                "--n_dense=1", "--epochs=1000", "--warmup=0", "--eval_interval=0",
                "--final_lk_samples=0", "--log_interval=1", f"--out_dir={out}"]
+    at_default = lambda: signal.signal(getattr(signal, stop), signal.SIG_DFL)  # noqa: E731
     with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}) as proc:
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+                          preexec_fn=at_default) as proc:
         for line in proc.stdout:  # wait until a few steps are done
             if "step 3/" in line:
                 break
