@@ -191,7 +191,8 @@ class Tensor:
         if not numeric:
             raise TypeError(f"Tensor data must be a NumPy or CuPy array of numbers, got "
                             f"{_describe(data)}; tensor() converts lists and numbers")
-        if isinstance(data, _MISLEADING_ARRAYS):
+        # a plain ndarray (nearly every call) skips the slower isinstance over subclasses
+        if type(data) is not np.ndarray and isinstance(data, _MISLEADING_ARRAYS):
             raise TypeError(f"Tensor data must be a plain array, got {type(data).__name__}: "
                             f"{_MISLEADING_ARRAYS_WHY}")
         if requires_grad and data.dtype.kind != "f":  # else grads and updates round to integers
