@@ -165,13 +165,17 @@ approximate posterior is their product, renormalised (`gaussian.merge`, used in
 `LadderVAE.infer`):
 
 $$q(z_i \mid \cdot) \propto \mathcal N(z; \hat\mu, \hat\sigma^2)\,\mathcal N(z; \mu_p, \sigma^2_p)
-= \mathcal N(z; \mu_q, \sigma^2_q),$$
+\propto \mathcal N(z; \mu_q, \sigma^2_q),$$
 $$\sigma^2_q = \frac{1}{\hat\sigma^{-2} + \sigma_p^{-2}}, \qquad
 \mu_q = \left(\frac{\hat\mu}{\hat\sigma^2} + \frac{\mu_p}{\sigma^2_p}\right)\sigma^2_q.$$
 
 Precisions (inverse variances) add up, and the mean is a precision-weighted average:
 the posterior leans towards whichever opinion is more certain. (Check it: the exponent
-of the product is a sum of two quadratics in $z$; complete the square.)
+of the product is a sum of two quadratics in $z$; complete the square.) The product of
+the two densities is not itself normalised:
+$\mathcal N(z; \hat\mu, \hat\sigma^2)\,\mathcal N(z; \mu_p, \sigma^2_p)
+= \mathcal N(\hat\mu; \mu_p, \hat\sigma^2 + \sigma^2_p)\,\mathcal N(z; \mu_q, \sigma^2_q)$,
+and renormalising removes the first factor, which does not depend on $z$.
 
 **A safer form.** Multiply numerator and denominator by $\hat\sigma^2 \sigma^2_p$ to
 divide only once: with $s = 1/(\hat\sigma^2 + \sigma^2_p)$,
