@@ -1189,11 +1189,12 @@ def hierarchy():
         the head's output is about $\gamma^2$, whatever the unit encodes, and a unit becomes
         "inactive" only once training has shrunk its $\gamma$ below $0.1$. (In the VAE the
         posterior mean of an upper layer is averaged over samples of the layer below, which
-        lowers its activity a little; in the LVAE the merge with the prior changes it for all but
-        the top layer.) With Adam at this learning rate that takes many epochs: the KL per unit
-        is the more sensitive measure after a short run. The plot below shows it: the points
-        lie on (or, for the LVAE's merged layers, below) the diagonal, and only units whose
-        $\gamma$ has shrunk fall under the threshold.
+        lowers its activity, for most units a little; in the LVAE the merge with the prior
+        changes it for all but the top layer.) With Adam at this learning rate that takes many
+        epochs: the KL per unit is the more sensitive measure after a short run. The plot below
+        shows it: the points lie on the diagonal or below it (the LVAE's merged layers, and a
+        few VAE units far below), and only units whose $\gamma$ has shrunk fall under the
+        threshold.
 
         The activity also misses one kind of collapse in the LVAE. A merged unit whose posterior
         equals its prior has KL 0, yet its mean is the prior's mean $\mu_p(z_{i+1})$, which moves
