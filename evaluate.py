@@ -64,7 +64,7 @@ def report_partial(bounds, total, samples):
         return
     partial = np.concatenate(bounds)
     print(f"\ninterrupted after {done}/{total} images: L_{samples} = {partial.mean():.2f} "
-          f"+- {partial.std() / np.sqrt(done):.2f} nats on the first {done} test images "
+          f"+- {lvae.standard_error(partial):.2f} nats on the first {done} test images "
           f"(not the whole test set)", file=sys.stderr)
 
 
@@ -132,7 +132,7 @@ def main(argv):
     bound = np.concatenate(bounds)
     seconds = time.perf_counter() - t0
     result = {"checkpoint": args.checkpoint, "samples": args.samples, "images": len(test_x),
-              "test_lk": float(bound.mean()), "stderr": float(bound.std() / np.sqrt(len(bound))),
+              "test_lk": float(bound.mean()), "stderr": lvae.standard_error(bound),
               "seconds": seconds}
     print(f"\n{config['model']}: L_{args.samples} = {result['test_lk']:.2f} "
           f"+- {result['stderr']:.2f} nats on {len(test_x)} test images ({seconds:.0f}s)")

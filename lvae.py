@@ -454,6 +454,17 @@ def log_likelihood_bound(model, x, samples=5000, noise=None, batch_size=100,
     return np.concatenate(results)
 
 
+def standard_error(values):
+    """The standard error of the mean of ``values`` (e.g. L_K of each test image):
+    s / sqrt(n), with s the sample standard deviation (n - 1 in its denominator). It says how
+    far the mean could move on another test set of the same size. NaN for fewer than two
+    values: one image says nothing about the spread."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return float("nan")
+    return float(values.std(ddof=1) / math.sqrt(values.size))
+
+
 # ----------------------------------------------------------------------------------
 # Analysis: KL per unit, active units, samples, reconstructions
 # ----------------------------------------------------------------------------------

@@ -589,7 +589,7 @@ def finalize(net, ds, test_x, noise, history):
             progress=lambda done, total: print(f"\r  L_{final_lk_samples}: {done}/{total} images",
                                                end="", flush=True))
         # the standard error of the mean over images: how far another test set could move it
-        result.update(test_lk=float(bound.mean()), stderr=float(bound.std() / np.sqrt(len(bound))),
+        result.update(test_lk=float(bound.mean()), stderr=lvae.standard_error(bound),
                       lk_samples=final_lk_samples, lk_images=len(images))
         print(f"\nfinal: L_{final_lk_samples} {result['test_lk']:.2f} +- {result['stderr']:.2f} on "
               f"{len(images)} test images ({time.perf_counter() - t0:.0f}s)")

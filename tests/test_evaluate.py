@@ -182,10 +182,11 @@ def test_defaults_are_l_5000_on_every_test_image(tmp_path, monkeypatch):
 
 
 def test_partial_report_gives_the_mean_and_its_standard_error(capsys):
-    """After Ctrl-C: the mean over the finished images +- std / sqrt(n)."""
+    """After Ctrl-C: the mean over the finished images +- s / sqrt(n)."""
     evaluate.report_partial([np.array([-90.0, -92.0]), np.array([-94.0, -96.0])], 10, 7)
-    # mean -93, std sqrt(5) = 2.236, standard error 2.236 / 2 = 1.118
-    assert ("interrupted after 4/10 images: L_7 = -93.00 +- 1.12 nats on the first 4 test "
+    # mean -93, squared deviations 9 + 1 + 1 + 9 = 20, s = sqrt(20 / 3) = 2.582,
+    # standard error 2.582 / 2 = 1.291
+    assert ("interrupted after 4/10 images: L_7 = -93.00 +- 1.29 nats on the first 4 test "
             "images") in capsys.readouterr().err
 
 

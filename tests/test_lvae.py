@@ -895,6 +895,14 @@ def test_noise_seed_is_checked(seed, error, message):
         lvae.Noise(seed)
 
 
+def test_standard_error_uses_the_sample_standard_deviation():
+    # 1, 2, 3: mean 2, sum of squared deviations 2, s^2 = 2 / (3 - 1) = 1, so 1 / sqrt(3)
+    assert lvae.standard_error([1.0, 2.0, 3.0]) == pytest.approx(1 / np.sqrt(3), rel=1e-12)
+    assert lvae.standard_error(np.array([-90.0, -90.0], np.float32)) == 0.0
+    assert np.isnan(lvae.standard_error([-90.0]))  # one image: no spread to speak of
+    assert np.isnan(lvae.standard_error([]))
+
+
 def test_log_likelihood_bound_takes_a_tensor_of_images():
     model, x = tiny_model("lvae"), binary_batch(4)
     np.testing.assert_array_equal(
