@@ -131,11 +131,13 @@ def main(argv):
         raise SystemExit(130) from None
     bound = np.concatenate(bounds)
     seconds = time.perf_counter() - t0
+    stderr = lvae.standard_error(bound)
     result = {"checkpoint": args.checkpoint, "samples": args.samples, "images": len(test_x),
-              "test_lk": float(bound.mean()), "stderr": lvae.standard_error(bound),
-              "seconds": seconds}
+              "test_lk": float(bound.mean()), "seconds": seconds}
+    if len(test_x) > 1:  # one image has no spread: NaN, which JSON cannot hold
+        result["stderr"] = stderr
     print(f"\n{config['model']}: L_{args.samples} = {result['test_lk']:.2f} "
-          f"+- {result['stderr']:.2f} nats on {len(test_x)} test images ({seconds:.0f}s)")
+          f"+- {stderr:.2f} nats on {len(test_x)} test images ({seconds:.0f}s)")
     print(json.dumps(result))
     return result
 

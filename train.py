@@ -589,9 +589,12 @@ def finalize(net, ds, test_x, noise, history):
             progress=lambda done, total: print(f"\r  L_{final_lk_samples}: {done}/{total} images",
                                                end="", flush=True))
         # the standard error of the mean over images: how far another test set could move it
-        result.update(test_lk=float(bound.mean()), stderr=lvae.standard_error(bound),
-                      lk_samples=final_lk_samples, lk_images=len(images))
-        print(f"\nfinal: L_{final_lk_samples} {result['test_lk']:.2f} +- {result['stderr']:.2f} on "
+        stderr = lvae.standard_error(bound)
+        result.update(test_lk=float(bound.mean()), lk_samples=final_lk_samples,
+                      lk_images=len(images))
+        if len(images) > 1:  # one image has no spread: NaN, which JSON cannot hold
+            result["stderr"] = stderr
+        print(f"\nfinal: L_{final_lk_samples} {result['test_lk']:.2f} +- {stderr:.2f} on "
               f"{len(images)} test images ({time.perf_counter() - t0:.0f}s)")
     checkpoint.write_json(os.path.join(out_dir, "final.json"), result)
     print(f"wrote {out_dir}/: ckpt.npz, metrics.jsonl, final.json, *.png")

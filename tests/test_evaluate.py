@@ -134,6 +134,18 @@ def test_script_succeeds_with_exit_status_0(tmp_path):
     assert result["samples"] == 2 and result["images"] == 5
 
 
+def test_one_image_has_no_standard_error_and_the_json_line_stays_json(tmp_path):
+    """One image has no spread: the line says +- nan, and the JSON line leaves stderr out
+    (json.dumps would write NaN, which strict JSON readers such as jq refuse)."""
+    ckpt = write_checkpoint(tmp_path / "ckpt.npz")
+    proc = run_script(ckpt, "--samples=2", "--images=1", "--no_bn_recompute")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "+- nan nats on 1 test images" in lines[-2]
+    result = json.loads(lines[-1], parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert result["images"] == 1 and "stderr" not in result
+
+
 def test_blocks_give_the_numbers_of_one_call(tmp_path, capsys):
     """evaluate.py goes through the test set a batch at a time (so that Ctrl-C keeps the
     batches done): the same bound as one call over all the images."""

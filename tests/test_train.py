@@ -236,6 +236,16 @@ def test_more_lk_images_than_the_test_set_has_uses_all_with_a_note(run, tmp_path
     assert read_metrics(tmp_path / "run")[0]["lk_images"] == n
 
 
+def test_final_bound_on_one_image_has_no_standard_error(run, tmp_path, capsys):
+    """One image has no spread: +- nan on the screen, and no stderr in final.json (JSON has
+    no NaN; compare.py then shows the bound without one)."""
+    assert run(tmp_path / "run", "--epochs=1", "--final_lk_images=1", final=True) == 0
+    assert "+- nan on 1 test images" in capsys.readouterr().out
+    final = json.loads((tmp_path / "run" / "final.json").read_text(),
+                       parse_constant=lambda name: pytest.fail(f"{name} in final.json"))
+    assert final["lk_images"] == 1 and "stderr" not in final
+
+
 def test_beta_rises_over_the_warm_up_and_then_stays_at_1(monkeypatch):
     monkeypatch.setattr(train, "warmup", 3)
     assert [train.beta_for(e) for e in (0, 1, 3, 4, 10)] == [0.0, pytest.approx(1 / 3), 1, 1, 1]
