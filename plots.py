@@ -61,7 +61,8 @@ def _as_images(images, shape):
 
 
 def _tile(images, rows, cols, pad=1):
-    """Tile (N, H, W) images into one (rows*(H+pad), cols*(W+pad)) canvas; gaps are 1."""
+    """Tile (N, H, W) images into one (rows*(H+pad) - pad, cols*(W+pad) - pad)
+    canvas; gaps are 1."""
     n, h, w = images.shape
     canvas = np.ones((rows * (h + pad) - pad, cols * (w + pad) - pad))
     for k in range(n):
