@@ -357,7 +357,8 @@ def elbo(model, x, noise, beta=1.0):
 
     Returns (objective, terms): objective = mean over the batch of
     log p(x|z) - beta * sum_i KL_i (a Tensor); terms holds the batch means of
-    'elbo' (beta = 1), 'log_px' and 'kl' (one per layer, bottom first), as 0-d arrays.
+    'elbo' (beta = 1), 'log_px' and 'kl' (one per layer, bottom first), as NumPy scalars
+    (0-d arrays on a GPU).
     """
     # a number is checked here; a Tensor beta (bench/cuda_graph.py keeps it on the GPU so that
     # a recorded step can change it) is not read back, which would wait for the GPU

@@ -269,9 +269,10 @@ def check_finite(pending, ckpt_path, locate=None):
 
 def check_weights_finite(net, where, ckpt_path, optimizer=None):
     """Stop before saving weights that hold NaN or inf: they would replace the last good
-    checkpoint with one that cannot be resumed. (The terms are checked before every
-    update; this catches an update that itself made a weight NaN, e.g. the last of an
-    epoch, whose result no forward pass has seen yet.) With ``optimizer``, Adam's m and v
+    checkpoint with one that cannot be resumed. (The terms are checked before the update,
+    at every step on the CPU and every log_interval steps on a GPU; this catches an update
+    that itself made a weight NaN, e.g. the last of an epoch, whose result no forward pass
+    has seen yet.) With ``optimizer``, Adam's m and v
     too: checkpoint.load refuses them non-finite, and a squared gradient can overflow v
     to inf while the weights stay finite."""
     tensors = [(name, t.data) for name, t in net.named_tensors()]
