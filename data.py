@@ -535,4 +535,4 @@ def _minibatches(x, batch_size, rng, binarize, shuffle, drop_last):
             yield np.array(batch, dtype=np.float32)
 
 
-_binarize = binarize  # the function, reachable inside iterate_minibatches
+_binarize = binarize  # the function, reachable inside _minibatches (its argument hides it)

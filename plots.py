@@ -1,6 +1,7 @@
 """Figures for a Ladder VAE run: learning curves, KL per layer and unit, samples, codes.
 
-Every function writes one PNG to ``path`` and returns ``path``. Figures are made with
+Every plotting function writes one PNG to ``path`` and returns ``path`` (``pca`` is a
+helper that returns arrays). Figures are made with
 matplotlib's object interface (``Figure``), not pyplot: no window and no backend choice
 are involved, so the module runs on a machine without a display (a server, CI) and does
 not change the backend of a notebook that imports it.
