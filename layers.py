@@ -653,7 +653,7 @@ class Adam:
         self.m = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
         self.v = [get_array_module(p.data).zeros_like(p.data) for p in self.params]
         self.last_grad_norm = None
-        self._buffers = {}  # dtype -> scratch buffer for step() on NumPy
+        self._buffers = {}  # dtype -> scratch buffer for step() without the fused kernel
 
     def zero_grad(self):
         for p in self.params:
