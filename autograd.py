@@ -248,9 +248,22 @@ class Tensor:
                     f"has shape {self.shape}: reduce it first (e.g. loss.sum() or "
                     f"loss.mean()) or pass backward(grad) with an array of that shape")
             grad = get_array_module(self.data).ones_like(self.data)
-        elif getattr(grad, "shape", None) != self.shape:
-            raise ValueError(f"backward(grad): grad has shape {getattr(grad, 'shape', None)}"
-                             f", expected {self.shape}")
+        else:
+            # a Tensor seed would flow through the closures and make every leaf's .grad a
+            # Tensor; a list has no shape to check (it was reported as "shape None")
+            grad = grad.data if isinstance(grad, Tensor) else grad
+            if isinstance(grad, np.generic):  # np.float64(1.0) for a one-number loss
+                grad = np.asarray(grad)
+            if not isinstance(grad, get_array_module(grad).ndarray):
+                raise TypeError(f"backward(grad): grad must be an array of shape {self.shape}, "
+                                f"got {type(grad).__name__}")
+            if grad.shape != self.shape:
+                raise ValueError(f"backward(grad): grad has shape {grad.shape}, expected "
+                                 f"{self.shape}")
+            check_same_device("backward", self, grad)
+            # the seed takes this tensor's dtype, as numbers do: a float64 seed would make
+            # every gradient of a float32 model float64 (and an integer one, integers)
+            grad = grad.astype(self.dtype, copy=False)
 
         grads = {id(self): grad}
         for node in reversed(_topological_order(self)):

@@ -489,6 +489,20 @@ def test_backward_on_non_scalar_without_seed_says_what_to_do(xp):
         Tensor(xp.ones(1)).backward()
 
 
+def test_backward_seed_is_an_array_in_the_tensors_dtype(xp):
+    """A Tensor seed made every leaf's .grad a Tensor; a list was "shape None"; a float64
+    seed made the gradients of float32 parameters float64."""
+    x = Tensor(xp.ones(3, dtype=np.float32), requires_grad=True)
+    (x * 2).backward(Tensor(xp.ones(3)))
+    assert isinstance(x.grad, get_array_module(x).ndarray) and x.grad.dtype == np.float32
+    np.testing.assert_array_equal(to_numpy(x.grad), [2, 2, 2])
+    with pytest.raises(TypeError, match=r"grad must be an array of shape \(3,\), got list"):
+        (x * 2).backward([1.0, 1.0, 1.0])
+    x.grad = None
+    (x * 2).sum().backward(np.float64(1.0))  # a NumPy scalar for a one-number loss
+    assert x.grad.dtype == np.float32
+
+
 def test_data_that_is_not_numbers_is_refused():
     """None would become NaN through asarray, and a string or object array is no tensor."""
     for data in (None, "abc", np.array([None, 1.0]), np.array(["a"])):
