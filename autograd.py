@@ -849,6 +849,11 @@ def numerical_gradient(f, arrays, index, eps=1e-6):
     df/dx_j ~ (f(x + eps e_j) - f(x - eps e_j)) / (2 eps); use float64 arrays.
     """
     x = arrays[index]
+    # x is nudged in place: an integer array would truncate x +- eps to integers (the
+    # gradient of x^2 at [1, 2] came out [500000, 1500000]); a list has no shape to walk
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        raise TypeError(f"numerical_gradient: arrays[{index}] must be a floating-point NumPy "
+                        f"array (float64 for accuracy), got {_describe(x)}")
     grad = np.zeros_like(x)
     for j in np.ndindex(x.shape):  # index x itself: reshape(-1) would copy a strided x
         saved = x[j]

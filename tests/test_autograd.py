@@ -784,6 +784,17 @@ def test_numerical_gradient_on_non_contiguous_arrays():
     check_gradients(lambda t: t * t, np.asfortranarray(x))
 
 
+def test_numerical_gradient_refuses_arrays_it_cannot_nudge():
+    """An integer array truncated x +- eps: the gradient of x^2 at [1, 2] was [500000,
+    1500000], with no error."""
+    square = lambda a: float((a * a).sum())
+    for arrays, got in [([np.array([1, 2])], "ndarray of dtype int64"), ([[1.0, 2.0]], r"\[1.0, 2.0\]")]:
+        with pytest.raises(TypeError, match=r"arrays\[0\] must be a floating-point NumPy array"
+                                            r".*got " + got):
+            numerical_gradient(square, arrays, 0)
+    np.testing.assert_allclose(numerical_gradient(square, [np.array([1.0, 2.0])], 0), [2, 4])
+
+
 def test_sum_to_undoes_broadcasting():
     g = np.ones((2, 3, 4))
     for shape, value in [((4,), 6), ((3, 1), 8), ((1, 3, 1), 8), ((), 24), ((2, 3, 4), 1)]:
