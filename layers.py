@@ -619,9 +619,13 @@ def _check_adam_params(params):
     if not params:
         raise ValueError("Adam: params is empty; pass the Tensors to train "
                          "(e.g. model.parameters())")
+    first = {}  # id -> index: a Tensor listed twice would be updated twice per step
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise TypeError(f"Adam: params[{i}] must be a Tensor, got {type(p).__name__}")
+        if first.setdefault(id(p), i) != i:
+            raise ValueError(f"Adam: params[{i}] is params[{first[id(p)]}] again; each "
+                             f"parameter must be listed once, or it takes two steps at a time")
     return params
 
 

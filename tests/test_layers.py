@@ -932,7 +932,9 @@ def test_adam_rejects_bad_hyperparameters(kwargs, error, message):
     (Dense(2, 2), TypeError, r"Adam: params must be a list of Tensors \(e.g. "
                              r"model.parameters\(\)\), got Dense"),
     ([np.zeros(2)], TypeError, r"Adam: params\[0\] must be a Tensor, got ndarray"),
-], ids=["empty", "one Tensor", "a module", "arrays"])
+    # e.g. model.parameters() + model.decoder.parameters(): was two updates per step
+    (Dense(2, 2).parameters() * 2, ValueError, r"Adam: params\[2\] is params\[0\] again"),
+], ids=["empty", "one Tensor", "a module", "arrays", "a parameter twice"])
 def test_adam_rejects_bad_parameter_lists(params, error, message):
     with pytest.raises(error, match=message):
         Adam(params)
