@@ -74,8 +74,11 @@ def _check_sizes(name, values, example):
 
 def _check_noise(who, noise):
     """Any object with Noise's methods will do (tests and bench/ bring their own); None or
-    a seed would fail later as "'NoneType' object has no attribute 'normal'"."""
-    if not callable(getattr(noise, "normal", None)):
+    a seed would fail later as "'NoneType' object has no attribute 'normal'". Both methods
+    are asked for: a NumPy Generator has a normal() too, and failed as "normal() got an
+    unexpected keyword argument 'like'"."""
+    if not (callable(getattr(noise, "normal", None))
+            and callable(getattr(noise, "new_step", None))):
         raise TypeError(f"{who}: noise must be an lvae.Noise (the random stream of the "
                         f"samples, e.g. lvae.Noise(0)), got {type(noise).__name__}")
 

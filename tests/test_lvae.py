@@ -857,6 +857,13 @@ def test_analysis_helpers_take_a_tensor_of_images():
 def test_noise_must_be_a_noise_stream():
     with pytest.raises(TypeError, match=r"LadderVAE: noise must be an lvae.Noise .*got NoneType"):
         lvae.elbo(tiny_model("lvae"), binary_batch(4), None)
+    # a NumPy Generator has a normal() method too: it failed as "normal() got an unexpected
+    # keyword argument 'like'" (and in log_likelihood_bound as "no attribute 'new_step'")
+    with pytest.raises(TypeError, match=r"LadderVAE: noise must be an lvae.Noise .*got Generator"):
+        lvae.elbo(tiny_model("lvae"), binary_batch(4), np.random.default_rng(0))
+    with pytest.raises(TypeError, match=r"log_likelihood_bound: noise must be an lvae.Noise"):
+        lvae.log_likelihood_bound(tiny_model("lvae"), binary_batch(4), 2,
+                                  noise=np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("call, message", [
