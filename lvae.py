@@ -433,6 +433,9 @@ def log_likelihood_bound(model, x, samples=5000, noise=None, batch_size=100,
     samples, batch_size = _check_int("samples", samples), _check_int("batch_size", batch_size)
     if max_rows is not None:
         max_rows = _check_int("max_rows", max_rows)
+    if progress is not None and not callable(progress):  # else it fails after the first batch
+        raise TypeError(f"log_likelihood_bound: progress must be a function (done, total) or "
+                        f"None, got {type(progress).__name__}")
     x = x.data if isinstance(x, Tensor) else x
     model._check_batch(x, on_host=True)  # once, here on the host even for a GPU model
     noise = noise if noise is not None else Noise(0)

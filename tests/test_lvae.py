@@ -255,8 +255,10 @@ def test_l1_bound_equals_the_elbo_estimate():
     (dict(x=[[0.0] * X_DIM]), TypeError, r"x must be a NumPy or CuPy array \(or a Tensor\), not list"),
     (dict(x=np.full((2, X_DIM), 255, np.uint8)), TypeError, r"dtype uint8"),
     (dict(x=np.full((2, X_DIM), np.nan)), ValueError, r"NaN or infinite"),
+    # was "'int' object is not callable", after the first batch's K samples
+    (dict(progress=5), TypeError, r"progress must be a function \(done, total\) or None, got int"),
 ], ids=["samples 0", "samples negative", "samples float", "batch_size 0", "batch_size float",
-        "max_rows 0", "no rows", "1-D x", "wrong width", "list", "uint8", "NaN"])
+        "max_rows 0", "no rows", "1-D x", "wrong width", "list", "uint8", "NaN", "progress"])
 def test_log_likelihood_bound_rejects_bad_arguments(kwargs, error, message):
     args = dict(x=binary_batch(3), samples=4)
     args.update(kwargs)
