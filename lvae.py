@@ -491,6 +491,8 @@ def evaluation(model):
 def _evaluate(model, x, noise, samples=1, kl="analytic"):
     """Inference on x in evaluation mode: (log_px, LayerResults)."""
     x = x.data if isinstance(x, Tensor) else x
+    # checked before asarray, which made a list float64 and the error then advise x.astype
+    model._check_batch(x, on_host=get_array_module(x) is np)  # NumPy x: moved just below
     with evaluation(model):
         xb = get_array_module(model.output.weight.data).asarray(x)
         return model(xb, noise, samples=samples, kl=kl)

@@ -856,6 +856,16 @@ def test_analysis_helpers_take_a_tensor_of_images():
         np.testing.assert_equal(a, b, err_msg=helper.__name__)
 
 
+def test_analysis_helpers_refuse_a_list_of_images():
+    """As forward does: a list used to become a float64 array, refused as "x has dtype
+    float64 ...: pass x.astype(np.float32)", advice a list cannot follow."""
+    model, x = tiny_model("lvae"), binary_batch(6).tolist()
+    for helper in (lvae.kl_per_unit, lvae.active_units, lvae.posterior_means, lvae.reconstruct):
+        with pytest.raises(TypeError, match=r"x must be a NumPy or CuPy array \(or a Tensor\), "
+                                            r"not list"):
+            helper(model, x, lvae.Noise(0))
+
+
 def test_noise_must_be_a_noise_stream():
     with pytest.raises(TypeError, match=r"LadderVAE: noise must be an lvae.Noise .*got NoneType"):
         lvae.elbo(tiny_model("lvae"), binary_batch(4), None)
@@ -886,7 +896,7 @@ def test_every_entry_point_checks_its_noise(call, message):
     (dict(threshold="a"), TypeError, r"active_units: threshold must be a finite number"),
     (dict(threshold=float("nan")), TypeError, r"threshold must be a finite number .*got nan"),
     (dict(threshold=True), TypeError, r"threshold must be a finite number .*got True"),
-    (dict(x=5), ValueError, r"LadderVAE: expected a batch of shape \(B, 8\), got \(\)"),
+    (dict(x=5), TypeError, r"LadderVAE: x must be a NumPy or CuPy array \(or a Tensor\), not int"),
 ])
 def test_active_units_checks_its_arguments(kwargs, error, message):
     args = {"x": binary_batch(4), **kwargs}
