@@ -483,6 +483,14 @@ def recompute_batchnorm_statistics(model, batches, forward):
             raise ValueError("recompute_batchnorm_statistics: no batches (an empty list, or "
                              "a generator already used up?); the statistics are left as they "
                              "were")
+        # one that saw no batch would be left at mean 0, variance 1: forward ran another
+        # model (e.g. a fold_batch_norm copy) or put this one in eval mode (kl_per_unit...)
+        unseen = [bn for bn in norms if bn.batches_seen == 0]
+        if unseen:
+            raise ValueError(f"recompute_batchnorm_statistics: forward(batch) ran {len(unseen)} "
+                             f"of the model's {len(norms)} batch norms on no batch; it must run "
+                             f"this model in training mode (e.g. lvae.elbo(model, batch, "
+                             f"noise)); the statistics are left as they were")
     except BaseException:
         for bn, (_, mean, var, seen) in zip(norms, saved):
             bn.running_mean.data[...], bn.running_var.data[...], bn.batches_seen = mean, var, seen

@@ -298,6 +298,25 @@ def test_recompute_batchnorm_statistics_without_batches_keeps_the_statistics(bat
     assert norm.momentum == 0.1 and not norm.training
 
 
+@pytest.mark.parametrize("forward", [
+    lambda model, copy, b: copy(Tensor(b)),                   # another model's batch norms
+    lambda model, copy, b: model.eval()(Tensor(b)),           # this model, in eval mode
+], ids=["another model", "eval mode"])
+def test_recompute_batchnorm_statistics_refuses_a_forward_that_misses_a_batch_norm(forward):
+    """Such a forward left the statistics at mean 0, variance 1, with no error."""
+    model = MLP(3, [4], rng=np.random.default_rng(8)).eval()
+    copy = MLP(3, [4], rng=np.random.default_rng(8))
+    norm = model.norms[0]
+    norm.running_mean.data[...], norm.running_var.data[...] = 2.0, 3.0  # "trained" values
+    batches = [np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32)]
+    with pytest.raises(ValueError, match=r"forward\(batch\) ran 1 of the model's 1 batch norms "
+                                         r"on no batch.*left as they were"):
+        recompute_batchnorm_statistics(model, batches, lambda b: forward(model, copy, b))
+    np.testing.assert_array_equal(norm.running_mean.data, 2.0, err_msg="the mean was reset")
+    np.testing.assert_array_equal(norm.running_var.data, 3.0, err_msg="the variance was reset")
+    assert norm.momentum == 0.1 and not norm.training
+
+
 # ----------------------------------------------------------------------------------
 # Dense initialisation
 # ----------------------------------------------------------------------------------
