@@ -17,7 +17,8 @@ FORMAT = 1
 ARCHITECTURE_KEYS = ("model", "z_dims", "hidden", "n_dense", "batch_norm", "dataset")
 # what every checkpoint written by ``save`` holds: read_config and load_weights need the
 # config (evaluate.py rebuilds the model from it), load needs the rest to resume
-META_KEYS = ("config", "noise_rng", "history", "epoch", "step", "sums", "data_rng")
+PROGRESS_KEYS = ("epoch", "step", "sums", "data_rng")
+META_KEYS = ("config", "noise_rng", "history") + PROGRESS_KEYS
 CONFIG_KEYS = ARCHITECTURE_KEYS + ("seed",)
 ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of an .npz (a zip archive)
 # only for train.py's own out_dir/ckpt.npz: files given to --init_from or evaluate.py
@@ -31,6 +32,13 @@ class CheckpointError(ValueError):
 
 def save(path, model, optimizer, noise, config, history, progress):
     """Write model + optimiser + RNG state + progress to ``path`` atomically."""
+    # refused now rather than written and then called corrupt by every reader (model.config
+    # alone lacks 'dataset'); train.py's config and progress hold all of these
+    missing = ([f"config[{k!r}]" for k in CONFIG_KEYS if k not in config]
+               + [f"progress[{k!r}]" for k in PROGRESS_KEYS if k not in progress])
+    if missing:
+        raise ValueError(f"checkpoint.save: missing {', '.join(missing)}: config needs "
+                         f"{', '.join(CONFIG_KEYS)} and progress {', '.join(PROGRESS_KEYS)}")
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
     arrays.update({f"optim/{k}": v for k, v in optimizer.state_dict().items()})
     meta = {"format": FORMAT, "config": config, "noise_rng": noise.get_state(),

@@ -352,6 +352,19 @@ def test_a_path_must_be_a_path(tmp_path):
     assert checkpoint.read_config(tmp_path / "p.npz")["seed"] == 0
 
 
+def test_save_refuses_what_every_reader_would_call_corrupt(tmp_path):
+    """A model's own config lacks 'dataset', and progress needs four entries: such a file
+    was written, then refused by read_config, load_weights and load as corrupt."""
+    net = tiny_model()
+    path = tmp_path / "ckpt.npz"
+    with pytest.raises(ValueError, match=r"checkpoint.save: missing config\['dataset'\], "
+                                         r"progress\['step'\], progress\['sums'\], "
+                                         r"progress\['data_rng'\]: config needs"):
+        checkpoint.save(path, net, Adam(net.parameters()), lvae.Noise(1), net.config, [],
+                        {"epoch": 1})
+    assert not path.exists() and not (tmp_path / "ckpt.npz.tmp").exists()
+
+
 def test_a_file_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
     """fsync, then rename: a power cut leaves the old file or the new one, whole."""
     log, real_replace = [], os.replace
