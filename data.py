@@ -452,6 +452,13 @@ def _check_int(name, value, minimum):
     return int(value)
 
 
+def _check_flag(name, value):
+    """``value`` as a bool: "no" would count as True, and None as False."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _check_rng(owner, rng):
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"{owner}: rng must be a numpy.random.Generator (e.g. "
@@ -516,6 +523,11 @@ def iterate_minibatches(x, batch_size, rng, binarize=True, shuffle=True, drop_la
         raise TypeError(f"iterate_minibatches: x must be a NumPy array of images, got "
                         f"{type(x).__name__}")
     batch_size = _check_int("iterate_minibatches: batch_size", batch_size, 1)
+    # binarize=None used to skip the binarisation, and binarize="no" to do it
+    binarize, shuffle, drop_last = (_check_flag(f"iterate_minibatches: {name}", value)
+                                    for name, value in (("binarize", binarize),
+                                                        ("shuffle", shuffle),
+                                                        ("drop_last", drop_last)))
     if shuffle or binarize:  # the only uses of rng: without them None will do
         _check_rng("iterate_minibatches", rng)
     return _minibatches(x, batch_size, rng, binarize, shuffle, drop_last)

@@ -410,6 +410,16 @@ def test_minibatch_arguments_are_checked_at_the_call(x, batch_size, error, messa
         data.iterate_minibatches(x, batch_size, np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("flag, value", [("binarize", None), ("binarize", "no"),
+                                         ("shuffle", "no"), ("drop_last", "no")])
+def test_minibatch_flags_must_be_true_or_false(flag, value):
+    """binarize=None silently fed grey levels, and "no" counted as yes."""
+    with pytest.raises(TypeError, match=f"iterate_minibatches: {flag} must be True or False, "
+                                        f"got {value!r}"):
+        data.iterate_minibatches(np.ones((5, 3), np.float32), 2, np.random.default_rng(0),
+                                 **{flag: value})
+
+
 @pytest.mark.parametrize("seed, error, message", [
     (-1, ValueError, "seed must be >= 0, got -1"), ("a", TypeError, "seed must be an int")])
 def test_test_binarisation_seed_is_checked(seed, error, message):
