@@ -97,6 +97,9 @@ def gpu_generator():
     return cupy.random.RandomState(method=curand.CURAND_RNG_PSEUDO_PHILOX4_32_10)
 
 
+_NOISE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 class Noise:
     """Standard-normal draws for the reparameterisation trick: reproducible and resumable.
 
@@ -115,6 +118,11 @@ class Noise:
 
     def normal(self, shape, like):
         """eps ~ N(0, I) of ``shape``, on the device and in the dtype of the array ``like``."""
+        # e.g. a model.astype(np.float16): NumPy's and CuPy's standard_normal draw only these
+        # two, and refused float16 from deep inside as "Unsupported dtype" (32 ns per draw)
+        if like.dtype not in _NOISE_DTYPES:
+            raise TypeError(f"Noise: samples are drawn in float32 or float64, not {like.dtype} "
+                            f"(the model's dtype? use model.astype(np.float32))")
         xp = get_array_module(like)
         if xp is np:
             return self.rng.standard_normal(shape, dtype=like.dtype)

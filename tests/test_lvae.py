@@ -958,6 +958,17 @@ def test_noise_same_seed_same_draws():
     assert a.normal((2,), np.zeros(1, np.float32)).dtype == np.float32
 
 
+def test_a_model_in_a_dtype_noise_cannot_draw_is_named():
+    """A float16 model failed inside NumPy: "Unsupported dtype dtype('float16') for
+    standard_normal"."""
+    model = tiny_model("lvae").astype(np.float16)
+    message = r"Noise: samples are drawn in float32 or float64, not float16"
+    with pytest.raises(TypeError, match=message):
+        lvae.elbo(model, binary_batch(4).astype(np.float16), lvae.Noise(0))
+    with pytest.raises(TypeError, match=message):
+        lvae.sample_prior(model, 2, lvae.Noise(0))
+
+
 def test_noise_state_round_trip_through_json():
     like = np.zeros(1, np.float64)
     noise = lvae.Noise(11)
