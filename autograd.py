@@ -786,6 +786,10 @@ def getitem(x, index):
     x = as_input("getitem", x)
     if isinstance(index, Tensor):
         index = index.data
+        if index.dtype.kind == "f":  # NumPy's IndexError would not say where the floats came from
+            raise TypeError(f"getitem: a Tensor index must hold integers or booleans, got "
+                            f"{index.dtype} (tensor() makes integers and booleans float32): "
+                            f"index with the array itself, e.g. x[np.array([0, 2])]")
     check_same_device("getitem", x, index)  # an index array must live where x does
     out = x.data[index]
 

@@ -266,6 +266,12 @@ def test_getitem_with_a_tensor_index(xp):
     index = np.array([3, 3, 0])
     check_op(xp, lambda t: t[Tensor(like(t, index))], x, expected=x[index],
              what="getitem with an integer Tensor as index")
+    # tensor() makes integers float32: NumPy's IndexError said only "arrays used as indices
+    # must be of integer (or boolean) type"
+    for made in ([0, 2], np.array([True, False, True, False])):
+        with pytest.raises(TypeError, match=r"getitem: a Tensor index must hold integers or "
+                                            r"booleans, got float32 \(tensor\(\) makes"):
+            Tensor(xp.asarray(x))[autograd.tensor(xp.asarray(made))]
 
 
 CONCATS = [("axis 0", [(2, 3), (4, 3)], 0),
