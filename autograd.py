@@ -879,6 +879,8 @@ def check_gradients(fn, *arrays, eps=1e-6, rtol=1e-5, atol=1e-7):
     """
     arrays = [np.array(a, dtype=np.float64) for a in arrays]
     probe = fn(*[Tensor(a) for a in arrays])
+    if not isinstance(probe, Tensor):  # e.g. fn returned out.data: "no attribute 'backward'"
+        raise TypeError(f"check_gradients: fn must return a Tensor, got {_describe(probe)}")
     weights = np.random.default_rng(0).standard_normal(probe.shape)
 
     def scalar(*arrs):
@@ -887,7 +889,10 @@ def check_gradients(fn, *arrays, eps=1e-6, rtol=1e-5, atol=1e-7):
 
     leaves = [Tensor(a.copy(), requires_grad=True) for a in arrays]
     out = fn(*leaves)
-    out.backward(weights.astype(out.dtype).reshape(out.shape))
+    # an output that records no graph (fn used .data or detach()) gets no gradient to its
+    # inputs: backward() gives 0, compared below, not "no input was made with requires_grad"
+    if out.requires_grad:
+        out.backward(weights.astype(out.dtype).reshape(out.shape))
     pairs = []
     for i, leaf in enumerate(leaves):
         numeric = numerical_gradient(scalar, arrays, i, eps)

@@ -880,6 +880,19 @@ def test_check_gradients_catches_a_missing_gradient():
         check_gradients(forgets_b, sample((3,)), sample((3,), seed=2))
 
 
+def test_check_gradients_on_a_function_that_cuts_or_leaves_the_graph():
+    """An output built from .data records no graph: that is a wrong gradient (0), not
+    backward()'s "no input was made with requires_grad=True"; a constant is right (0);
+    an array instead of a Tensor was "'numpy.ndarray' object has no attribute 'backward'"."""
+    with pytest.raises(AssertionError, match=r"gradient of input 0 is wrong: .* backward\(\) "
+                                             r"gives 0, finite differences give"):
+        check_gradients(lambda a: Tensor(a.data * 2), np.ones(3))
+    check_gradients(lambda a: Tensor(np.ones(3)), np.ones(3))  # a constant: 0 is right
+    with pytest.raises(TypeError, match=r"check_gradients: fn must return a Tensor, got "
+                                        r"ndarray of dtype float64"):
+        check_gradients(lambda a: a.data * 2, np.ones(3))
+
+
 def test_check_gradients_weights_the_outputs_unevenly():
     """The outputs are weighted by a random w, so that a backward that puts g's entries in
     the wrong places is caught: reversing x with a backward that does not reverse g is
