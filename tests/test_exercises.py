@@ -1085,3 +1085,17 @@ def test_grade_a_notebook_given_twice_once(fake_grading, tmp_path, capsys):
     out = capsys.readouterr().out
     assert calls == ["01_softplus"], out
     assert "which one counts?" not in out, out
+
+
+@pytest.mark.parametrize("argv, message", [
+    # the paths' notebooks were reported under their names, graded with the solutions
+    (["--solutions", "alice"], "give either --solutions or paths"),
+    # nbclient took these for no time limit at all
+    (["--timeout=0"], "argument --timeout: must be >= 1 second, got 0"),
+    (["--timeout=-5"], "argument --timeout: must be >= 1 second, got -5"),
+])
+def test_grade_refuses_options_it_would_not_honour(capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(grade, "grade", lambda *a: pytest.fail("graded"))
+    with pytest.raises(SystemExit) as e:
+        grade.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

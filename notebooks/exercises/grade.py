@@ -247,6 +247,11 @@ def main(argv=None):
                         help="grade the reference solutions in solutions/")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per cell")
     args = parser.parse_args(argv)
+    if args.solutions and args.paths:  # each path's notebook would be graded with the solution
+        parser.error("--solutions grades the reference solutions, not the notebooks given: "
+                     "give either --solutions or paths")
+    if args.timeout < 1:  # nbclient takes 0 or less for no limit at all
+        parser.error(f"argument --timeout: must be >= 1 second, got {args.timeout}")
     if args.solutions and not os.path.isdir(SOLUTIONS):
         parser.error(f"--solutions: there is no {SOLUTIONS} folder: this looks like a "
                      f"students' copy, from which the handout deletes it; run --solutions "
