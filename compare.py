@@ -55,6 +55,16 @@ def check_record(record, where):
             raise RunError(f"{where}: {key} is {value!r}, not a number")
 
 
+def read_text(path):
+    """A run file's text; bytes that are not UTF-8 (a damaged or foreign file) are a
+    RunError naming the file, not a bare "'utf-8' codec can't decode" with no name."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RunError(f"{path}: not a text file written by train.py ({e.reason} at byte "
+                       f"{e.start})") from None
+
+
 def read_run(folder):
     """(config, metrics, final) of a run folder; final is None if the run has not finished."""
     folder = Path(folder)
@@ -68,7 +78,7 @@ def read_run(folder):
             raise RunError(f"{folder} is not a training run: it has no {needed.name}")
     config = checkpoint.read_config(str(ckpt))
     metrics = []
-    for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(metrics_path).splitlines(), 1):
         if line.strip():
             try:
                 record = json.loads(line)
@@ -81,7 +91,7 @@ def read_run(folder):
     final_path, final = folder / "final.json", None
     if final_path.is_file():
         try:
-            final = json.loads(final_path.read_text())
+            final = json.loads(read_text(final_path))
         except json.JSONDecodeError as e:
             raise RunError(f"{final_path}: not JSON ({e.msg})") from None
         if not (isinstance(final, dict) and "test_elbo" in final
@@ -92,6 +102,10 @@ def read_run(folder):
             value = final.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise RunError(f"{final_path}: {key} is {value!r}, not a number")
+            # a NaN bound was printed as nan and the figure written without a word; the
+            # standard error is NaN for a single image (lvae.standard_error)
+            if key != "stderr" and not math.isfinite(value):
+                raise RunError(f"{final_path}: {key} is {value!r}, not a finite number")
         last = metrics[-1]["epoch"]
         if final.get("epoch", last) != last:  # files from before train.py wrote it lack it
             raise RunError(f"{final_path} was written at epoch {final['epoch']}, but the run "

@@ -221,3 +221,30 @@ def test_final_json_numbers_have_their_types(tmp_path, key, value):
     run_dir = make_run(tmp_path / "run", {**final(-90), "epoch": 12, key: value})
     with pytest.raises(compare.RunError, match=f"final.json: {key} is"):
         compare.read_run(run_dir)
+
+
+@pytest.mark.parametrize("key", ["test_lk", "test_elbo"])
+def test_final_json_bounds_must_be_finite(tmp_path, capsys, key):
+    """A NaN bound was printed as nan in the table and the figure written without a word."""
+    run_dir = make_run(tmp_path / "run", {**final(-90), key: float("nan")})
+    with pytest.raises(compare.RunError, match=f"final.json: {key} is nan, not a finite number"):
+        compare.main([run_dir, "--out", str(tmp_path / "x.png")])
+    assert capsys.readouterr().out == ""
+
+
+def test_a_single_image_final_bound_with_a_nan_standard_error_is_compared(tmp_path, capsys):
+    """train.py writes stderr NaN for --final_lk_images=1: not an error."""
+    run_dir = make_run(tmp_path / "run", {**final(-90, images=1), "stderr": float("nan")})
+    assert compare.main([run_dir, "--out", str(tmp_path / "x.png")]) == 0
+    assert "L_1000 = -90.00 +- nan (1 images)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "final.json"])
+def test_a_run_file_that_is_not_text_is_named(tmp_path, name):
+    """Bytes that are not UTF-8 gave "error: 'utf-8' codec can't decode byte 0xff in
+    position 0", naming no file."""
+    run_dir = make_run(tmp_path / "run", final(-90))
+    with open(os.path.join(run_dir, name), "ab") as f:
+        f.write(b"\xff\xfe\n")
+    with pytest.raises(compare.RunError, match=f"{name}: not a text file written by train.py"):
+        compare.read_run(run_dir)
