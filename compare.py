@@ -145,12 +145,23 @@ def check_out(path):
         raise RunError(f"--out {path}: folder {out.parent} does not exist")
 
 
+def refuse_repeated_options(parser, argv):
+    """An option given twice is a usage error, as in train.py: argparse lets the last one
+    win without a word (a typo, or an edited command line)."""
+    argv = argv[:argv.index("--")] if "--" in argv else argv  # after "--": positionals
+    names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
+    repeated = [name for i, name in enumerate(names) if name in names[:i]]
+    if repeated:
+        parser.error(f"argument {repeated[0]}: given twice: give it once")
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)  # --ou is an error, not --out
     parser.add_argument("runs", nargs="+", help="run folders written by train.py")
     parser.add_argument("--out", default="compare.png", help="the PNG to write")
     args = parser.parse_args(argv)
+    refuse_repeated_options(parser, argv)
     check_out(args.out)
     resolved = [Path(f).resolve() for f in args.runs]  # run and run/ are one folder
     repeated = sorted({f for f, r in zip(args.runs, resolved) if resolved.count(r) > 1})

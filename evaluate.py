@@ -56,6 +56,16 @@ def non_negative_int(text):
     return _count(text, 0)
 
 
+def refuse_repeated_options(parser, argv):
+    """An option given twice is a usage error, as in train.py: argparse lets the last one
+    win without a word (a typo, or an edited command line)."""
+    argv = argv[:argv.index("--")] if "--" in argv else argv  # after "--": positionals
+    names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
+    repeated = [name for i, name in enumerate(names) if name in names[:i]]
+    if repeated:
+        parser.error(f"argument {repeated[0]}: given twice: give it once")
+
+
 def report_partial(bounds, total, samples):
     """After a Ctrl-C: the bound over the images finished, so the time is not all lost."""
     done = sum(len(b) for b in bounds)
@@ -86,6 +96,7 @@ def main(argv):
     parser.add_argument("--data_root", default=None,
                         help="folder with the data files (default: the checkpoint's --data_root)")
     args = parser.parse_args(argv)
+    refuse_repeated_options(parser, argv)
     try:
         check_device(args.device)
     except RuntimeError as e:  # no CUDA on this machine: say so, no traceback

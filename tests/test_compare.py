@@ -248,3 +248,12 @@ def test_a_run_file_that_is_not_text_is_named(tmp_path, name):
         f.write(b"\xff\xfe\n")
     with pytest.raises(compare.RunError, match=f"{name}: not a text file written by train.py"):
         compare.read_run(run_dir)
+
+
+def test_an_option_given_twice_is_a_usage_error(tmp_path, capsys):
+    """argparse wrote the last --out without a word (train.py refuses a repeat too)."""
+    run = make_run(tmp_path / "run", final(-90))
+    with pytest.raises(SystemExit) as e:
+        compare.main([run, "--out", str(tmp_path / "a.png"), f"--out={tmp_path / 'b.png'}"])
+    assert e.value.code == 2 and "argument --out: given twice" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()

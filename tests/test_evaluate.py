@@ -206,3 +206,12 @@ def test_partial_report_before_the_first_batch_says_so(capsys):
     """Ctrl-C during the first batch: no images are done, and the report says so."""
     evaluate.report_partial([], 10, 7)
     assert "interrupted before the first batch of images was done" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--samples=2", "--samples=3"], ["--images", "5", "--images=6"]])
+def test_an_option_given_twice_is_a_usage_error(tmp_path, capsys, args):
+    """argparse let the last one win without a word (train.py refuses it too)."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(tmp_path / "ckpt.npz"), *args])
+    assert e.value.code == 2
+    assert f"argument {args[0].split('=')[0]}: given twice" in capsys.readouterr().err
