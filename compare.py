@@ -55,6 +55,21 @@ def check_record(record, where):
             raise RunError(f"{where}: {key} is {value!r}, not a number")
 
 
+def check_config(config, ckpt):
+    """The options that name a run, of the types train.py writes: a damaged or edited
+    config ended in a TypeError traceback, or a wrong name (z_dims "4,2": 3 layers)."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    if not (config["model"] in ("lvae", "vae") and isinstance(config["batch_norm"], bool)
+            and isinstance(config["dataset"], str) and config["dataset"]
+            and isinstance(config["z_dims"], list) and config["z_dims"]
+            and all(count(v) for v in config["z_dims"])
+            and all(count(config.get(k, 1)) for k in ("warmup", "iw_samples"))
+            and isinstance(config.get("decay_lr", False), bool)):
+        raise RunError(f"checkpoint {ckpt} is corrupt: its config is not one train.py writes "
+                       f"(model, batch_norm, dataset, z_dims, warmup, iw_samples, decay_lr)")
+
+
 def read_text(path):
     """A run file's text; bytes that are not UTF-8 (a damaged or foreign file) are a
     RunError naming the file, not a bare "'utf-8' codec can't decode" with no name."""
@@ -77,6 +92,7 @@ def read_run(folder):
         if not needed.is_file():
             raise RunError(f"{folder} is not a training run: it has no {needed.name}")
     config = checkpoint.read_config(str(ckpt))
+    check_config(config, ckpt)
     metrics = []
     for n, line in enumerate(read_text(metrics_path).splitlines(), 1):
         if line.strip():

@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 
 import compare  # noqa: E402
 import plots  # noqa: E402
-from test_checkpoint import CONFIG, write_checkpoint  # noqa: E402
+from test_checkpoint import CONFIG, rewrite, write_checkpoint  # noqa: E402
 from test_plots import assert_png, fake_metrics  # noqa: E402
 
 
@@ -257,3 +257,18 @@ def test_an_option_given_twice_is_a_usage_error(tmp_path, capsys):
         compare.main([run, "--out", str(tmp_path / "a.png"), f"--out={tmp_path / 'b.png'}"])
     assert e.value.code == 2 and "argument --out: given twice" in capsys.readouterr().err
     assert not (tmp_path / "b.png").exists()
+
+
+@pytest.mark.parametrize("key, value", [("model", 5), ("model", ""), ("z_dims", 4),
+                                        ("z_dims", "4,2"), ("batch_norm", None),
+                                        ("warmup", "x"), ("iw_samples", "2")])
+def test_a_checkpoint_config_of_the_wrong_type_is_named(tmp_path, capsys, key, value):
+    """It ended in an AttributeError or TypeError traceback, or a wrong name (z_dims "4,2"
+    counted 3 stochastic layers)."""
+    run_dir = make_run(tmp_path / "run", final(-90))
+    rewrite(os.path.join(run_dir, "ckpt.npz"),
+            lambda arrays, meta: meta["config"].__setitem__(key, value))
+    with pytest.raises(compare.RunError, match=r"ckpt.npz is corrupt: its config is not one "
+                                               r"train.py writes"):
+        compare.main([run_dir, "--out", str(tmp_path / "x.png")])
+    assert capsys.readouterr().out == ""
