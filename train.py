@@ -82,7 +82,7 @@ def usage():
 
 
 def apply_overrides(args, namespace):
-    """--key=value overrides, checked against the defaults' types."""
+    """--key=value overrides, checked against the defaults' types; returns the keys given."""
     if "--help" in args or "-h" in args:
         try:
             print(usage(), flush=True)
@@ -125,6 +125,7 @@ def apply_overrides(args, namespace):
             example = ",".join(map(str, default)) if isinstance(default, tuple) else repr(default)
             raise SystemExit(f"error: --{key} expects {kind} like {example}, got {value!r}") from None
         namespace[key] = parsed
+    return set(given)
 
 
 class ConfigError(ValueError):
@@ -375,11 +376,14 @@ def epoch_on_device(batches, device):
 
 
 def main(argv):
-    apply_overrides(argv, globals())
+    given = apply_overrides(argv, globals())
     config = {k: globals()[k] for k in config_keys}
     if data_root:  # stored absolute: evaluate.py may run from another folder
         config["data_root"] = os.path.abspath(data_root)
     validate_config(config)
+    if "min_lr" in given and not decay_lr:  # the lr would stay --lr, without a word
+        raise ConfigError(f"--min_lr is the last epoch's lr of --decay_lr=true, which is off: "
+                          f"add --decay_lr=true, or leave out --min_lr")
     try:
         check_device(device)
     except (ValueError, RuntimeError) as e:  # an unknown name, or no usable CUDA device

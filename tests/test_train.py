@@ -967,6 +967,9 @@ def test_unknown_device_model_and_dataset(run, tmp_path):
     ("--out_dir=", r"--out_dir must name a folder"),
     ("--min_lr=-1e-4", r"--min_lr must be a finite number >= 0"),
     ("--decay_lr=true --min_lr=0.1", r"--min_lr=0.1 is above --lr=0.002"),
+    # it was accepted and ignored: the lr stayed constant
+    ("--min_lr=1e-5", r"--min_lr is the last epoch's lr of --decay_lr=true, which is off"),
+    ("--decay_lr=false --min_lr=1e-5", r"--min_lr is the last epoch's lr of --decay_lr=true"),
 ])
 def test_option_values_that_cannot_work_are_refused_before_loading_data(
         run, tmp_path, monkeypatch, arg, pattern):
