@@ -421,6 +421,11 @@ def main(argv):
         state, history = checkpoint.load(ckpt_path, net, optimizer, noise, config)
         print(f"resuming from {ckpt_path}: {progress_text(state['epoch'], state['step'])}")
         check_resume(checkpoint.read_config(ckpt_path), config, state["step"])
+        if state["step"] and state["epoch"] >= epochs:  # its weights are past epoch `epochs`'s end
+            raise ConfigError(
+                f"the checkpoint stopped in epoch {state['epoch'] + 1}, after step "
+                f"{state['step']}: its weights are not those of the end of epoch {epochs}; "
+                f"resume with --epochs={state['epoch'] + 1} or more to finish that epoch")
         # the checkpoint's history is the truth: a stop between writing it and the metrics
         # file would otherwise leave the file an epoch short
         checkpoint.write_metrics(metrics_path, history)

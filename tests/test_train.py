@@ -811,6 +811,24 @@ def test_resume_in_the_middle_of_an_epoch_with_another_batch_size_is_refused(
     assert run(out, "--epochs=1") == 0  # the same batch size resumes
 
 
+def test_resume_in_the_middle_of_an_epoch_with_fewer_epochs_is_refused(run, tmp_path,
+                                                                        monkeypatch):
+    """It said 'the checkpoint holds 1 epochs: nothing to train' and wrote a final.json
+    for epoch 1 of weights trained 2 steps further."""
+    out = tmp_path / "run"
+    real = layers.Adam.step
+    monkeypatch.setattr(layers.Adam, "step",
+                        interrupt_on_call(real, STEPS_PER_EPOCH + 3, how="raise"))
+    assert run(out, "--epochs=2") == 1
+    monkeypatch.setattr(layers.Adam, "step", real)
+    with pytest.raises(ValueError, match=r"stopped in epoch 2, after step 2: its weights are "
+                                         r"not those of the end of epoch 1; resume with "
+                                         r"--epochs=2 or more"):
+        run(out, "--epochs=1", final=True)
+    assert not (out / "final.json").exists()
+    assert run(out, "--epochs=2") == 0
+
+
 def test_a_resumed_epoch_counts_the_time_before_the_stop(run, tmp_path, monkeypatch):
     """The seconds recorded for an epoch stopped by Ctrl-C and resumed include both parts
     (a clock that advances one second per reading makes the parts visible)."""
