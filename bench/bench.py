@@ -45,6 +45,7 @@ def parse_args(argv):
                         "set, for NumPy's BLAS (default 2: the 2-core target machine)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the PyTorch process
     args = p.parse_args(argv)
+    refuse_repeated_options(p, argv)
     # checked now, not when they are used: the report is written after minutes of work
     if args.threads < 1:
         p.error(f"argument --threads: must be >= 1, got {args.threads}")
@@ -52,6 +53,16 @@ def parse_args(argv):
     if problem:
         p.error(f"argument --out: {problem}")
     return args
+
+
+def refuse_repeated_options(parser, argv):
+    """An option given twice is a usage error, as in train.py: argparse lets the last one
+    win without a word (a typo, or an edited command line)."""
+    argv = argv[:argv.index("--")] if "--" in argv else argv  # after "--": positionals
+    names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
+    repeated = [name for i, name in enumerate(names) if name in names[:i]]
+    if repeated:
+        parser.error(f"argument {repeated[0]}: given twice: give it once")
 
 
 def _unwritable(path):

@@ -23,6 +23,9 @@ def run_bench(*args):
     ("--threads=-3", "argument --threads: must be >= 1, got -3"),
     ("--devic=cpu", "unrecognized arguments: --devic=cpu"),  # once ran the CPU benchmark
     ("--qui", "unrecognized arguments: --qui"),
+    # the last one won without a word
+    ("--device=cpu", "argument --device: given twice: give it once"),
+    ("--quick", "argument --quick: given twice: give it once"),
 ])
 def test_bad_options_are_usage_errors_before_any_work(tmp_path, arg, message):
     (tmp_path / "file.txt").write_text("")

@@ -1093,6 +1093,8 @@ def test_grade_a_notebook_given_twice_once(fake_grading, tmp_path, capsys):
     # nbclient took these for no time limit at all
     (["--timeout=0"], "argument --timeout: must be >= 1 second, got 0"),
     (["--timeout=-5"], "argument --timeout: must be >= 1 second, got -5"),
+    # the last one won without a word
+    (["--timeout=5", "--timeout", "10"], "argument --timeout: given twice: give it once"),
 ])
 def test_grade_refuses_options_it_would_not_honour(capsys, monkeypatch, argv, message):
     monkeypatch.setattr(grade, "grade", lambda *a: pytest.fail("graded"))

@@ -239,6 +239,16 @@ def duplicates(notebooks):
     return problems
 
 
+def refuse_repeated_options(parser, argv):
+    """An option given twice is a usage error, as in train.py: argparse lets the last one
+    win without a word (a typo, or an edited command line)."""
+    argv = argv[:argv.index("--")] if "--" in argv else argv  # after "--": positionals
+    names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
+    repeated = [name for i, name in enumerate(names) if name in names[:i]]
+    if repeated:
+        parser.error(f"argument {repeated[0]}: given twice: give it once")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)  # --sol is an error, not --solutions
@@ -247,6 +257,7 @@ def main(argv=None):
                         help="grade the reference solutions in solutions/")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per cell")
     args = parser.parse_args(argv)
+    refuse_repeated_options(parser, sys.argv[1:] if argv is None else argv)
     if args.solutions and args.paths:  # each path's notebook would be graded with the solution
         parser.error("--solutions grades the reference solutions, not the notebooks given: "
                      "give either --solutions or paths")
