@@ -107,7 +107,14 @@ def main(argv):
     if not isinstance(root, (str, type(None))):  # only the checkpoint's can be another type
         raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint} is corrupt: its "
                                          f"data_root is {root!r}, not a folder name")
-    ds = data.load_dataset(config["dataset"], root or None)
+    try:
+        ds = data.load_dataset(config["dataset"], root or None)
+    except data.DataError as e:
+        if args.data_root is None and root:  # the user gave no --data_root: say whose it is
+            raise data.DataError(f"{e}. That folder is the checkpoint's data_root: give "
+                                 f"--data_root=FOLDER, or --data_root= (empty) for the "
+                                 f"default") from None
+        raise
     # more images than the test set holds is an error, not quietly all of them: the user
     # expects the number asked for (0 asks for all), and the result would not be it
     if args.images > len(ds.test_x):

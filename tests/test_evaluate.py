@@ -120,6 +120,20 @@ def test_missing_data_is_an_error_line_without_traceback(tmp_path):
     assert_clean_error(run_script(ckpt), "file not found")
 
 
+def test_missing_data_in_the_checkpoints_data_root_says_whose_folder_it_is(tmp_path):
+    """data.py's advice, 'leave --data_root empty', was all it said: no --data_root was
+    given, the folder was the checkpoint's."""
+    (tmp_path / "empty").mkdir()
+    ckpt = write_checkpoint(tmp_path / "ckpt.npz",
+                            {**CONFIG, "data_root": str(tmp_path / "empty")})
+    with pytest.raises(data.DataError, match=r"That folder is the checkpoint's data_root: "
+                                             r"give --data_root=FOLDER, or --data_root= "):
+        evaluate.main([str(ckpt)])
+    with pytest.raises(data.DataError) as e:  # a folder the user gave is theirs
+        evaluate.main([str(ckpt), f"--data_root={tmp_path / 'empty'}"])
+    assert "checkpoint's data_root" not in str(e.value)
+
+
 @pytest.mark.skipif(autograd.cuda_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_an_error_line_without_traceback(tmp_path):
     assert_clean_error(run_script(tmp_path / "ckpt.npz", "--device=cuda"),
