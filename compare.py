@@ -13,13 +13,13 @@ L_K must have the same K and test images (train.py's --final_lk_samples and
 
 Prints a Markdown table of the runs and writes one PNG (see plots.compare_runs).
 """
-import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
 import checkpoint
+import cli
 
 
 # what train.py's final.json holds when it has evaluated L_K
@@ -161,23 +161,11 @@ def check_out(path):
         raise RunError(f"--out {path}: folder {out.parent} does not exist")
 
 
-def refuse_repeated_options(parser, argv):
-    """An option given twice is a usage error, as in train.py: argparse lets the last one
-    win without a word (a typo, or an edited command line)."""
-    argv = argv[:argv.index("--")] if "--" in argv else argv  # after "--": positionals
-    names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
-    repeated = [name for i, name in enumerate(names) if name in names[:i]]
-    if repeated:
-        parser.error(f"argument {repeated[0]}: given twice: give it once")
-
-
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)  # --ou is an error, not --out
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders written by train.py")
     parser.add_argument("--out", default="compare.png", help="the PNG to write")
     args = parser.parse_args(argv)
-    refuse_repeated_options(parser, argv)
     check_out(args.out)
     resolved = [Path(f).resolve() for f in args.runs]  # run and run/ are one folder
     repeated = sorted({f for f, r in zip(args.runs, resolved) if resolved.count(r) > 1})

@@ -7,7 +7,6 @@ collected over the training set.
 
 Ctrl-C (or `kill`) stops it and prints the bound over the test images finished so far.
 """
-import argparse
 import json
 import signal
 import sys
@@ -16,6 +15,7 @@ import time
 import numpy as np
 
 import checkpoint
+import cli
 import data
 import lvae
 from autograd import check_device, to_device
@@ -36,36 +36,6 @@ def load_model(path, device="cpu"):
     return net.to(device), config
 
 
-def _count(text, minimum):
-    """argparse type: a whole number >= minimum. A bad value is a usage error naming the
-    option, not a crash (or a silently odd result, like --images=-5) much later."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
-    return value
-
-
-def positive_int(text):
-    return _count(text, 1)
-
-
-def non_negative_int(text):
-    return _count(text, 0)
-
-
-def refuse_repeated_options(parser, argv):
-    """An option given twice is a usage error, as in train.py: argparse lets the last one
-    win without a word (a typo, or an edited command line)."""
-    argv = argv[:argv.index("--")] if "--" in argv else argv  # after "--": positionals
-    names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
-    repeated = [name for i, name in enumerate(names) if name in names[:i]]
-    if repeated:
-        parser.error(f"argument {repeated[0]}: given twice: give it once")
-
-
 def report_partial(bounds, total, samples):
     """After a Ctrl-C: the bound over the images finished, so the time is not all lost."""
     done = sum(len(b) for b in bounds)
@@ -80,23 +50,21 @@ def report_partial(bounds, total, samples):
 
 def main(argv):
     """Evaluate the checkpoint named in ``argv``; returns the result dict it prints."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)  # --sample is an error, not --samples
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
-    parser.add_argument("--samples", type=positive_int, default=5000,
+    parser.add_argument("--samples", type=cli.count(1), default=5000,
                         help="K of L_K (default 5000)")
-    parser.add_argument("--images", type=non_negative_int, default=0,
+    parser.add_argument("--images", type=cli.count(0), default=0,
                         help="first N test images (0 = all)")
-    parser.add_argument("--batch_size", type=positive_int, default=100,
+    parser.add_argument("--batch_size", type=cli.count(1), default=100,
                         help="test images per batch")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no_bn_recompute", action="store_true",
                         help="keep the running batch-norm averages from training")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=cli.count(0), default=0)
     parser.add_argument("--data_root", default=None,
                         help="folder with the data files (default: the checkpoint's --data_root)")
     args = parser.parse_args(argv)
-    refuse_repeated_options(parser, argv)
     try:
         check_device(args.device)
     except RuntimeError as e:  # no CUDA on this machine: say so, no traceback

@@ -31,38 +31,32 @@ import argparse
 import os
 import sys
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for _p in (REPO, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import cli  # noqa: E402  (argparse only: NumPy must wait for the thread settings below)
+
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # --devic is an error, not --device
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="cpu")
     p.add_argument("--quick", action="store_true", help="fewer steps and images (a smoke run)")
     p.add_argument("--out", default="", help="also write the report to this file")
-    p.add_argument("--threads", type=int, default=2,
+    p.add_argument("--threads", type=cli.count(1), default=2,
                    help="CPU threads for PyTorch (torch.set_num_threads) and, unless "
                         "OPENBLAS_NUM_THREADS/OMP_NUM_THREADS/MKL_NUM_THREADS are already "
                         "set, for NumPy's BLAS (default 2: the 2-core target machine)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the PyTorch process
     args = p.parse_args(argv)
-    refuse_repeated_options(p, argv)
-    # checked now, not when they are used: the report is written after minutes of work
-    if args.threads < 1:
-        p.error(f"argument --threads: must be >= 1, got {args.threads}")
+    # checked now, not when it is used: the report is written after minutes of work
     problem = args.out and _unwritable(args.out)
     if problem:
         p.error(f"argument --out: {problem}")
     return args
-
-
-def refuse_repeated_options(parser, argv):
-    """An option given twice is a usage error, as in train.py: argparse lets the last one
-    win without a word (a typo, or an edited command line)."""
-    argv = argv[:argv.index("--")] if "--" in argv else argv  # after "--": positionals
-    names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
-    repeated = [name for i, name in enumerate(names) if name in names[:i]]
-    if repeated:
-        parser.error(f"argument {repeated[0]}: given twice: give it once")
 
 
 def _unwritable(path):
@@ -100,12 +94,6 @@ import time  # noqa: E402
 import tracemalloc  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-for _p in (REPO, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 import autograd  # noqa: E402
 import data  # noqa: E402

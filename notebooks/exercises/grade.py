@@ -25,7 +25,6 @@ YET, WRONG or WRONG GRADIENT (see checks.py); the report counts them and repeats
 lines that did not pass. The exit status is 0 when every part of every notebook passed.
 Needs nbformat, nbclient and ipykernel (requirements-test.txt); the project does not.
 """
-import argparse
 import functools
 import glob
 import os
@@ -33,6 +32,9 @@ import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository, for cli.py
+import cli  # noqa: E402
+
 SOLUTIONS = os.path.join(HERE, "solutions")
 HEADLINE = re.compile(r"^(PASS|NOT DONE YET|WRONG GRADIENT|WRONG):")
 # the parts of each exercise: one status line each
@@ -239,30 +241,17 @@ def duplicates(notebooks):
     return problems
 
 
-def refuse_repeated_options(parser, argv):
-    """An option given twice is a usage error, as in train.py: argparse lets the last one
-    win without a word (a typo, or an edited command line)."""
-    argv = argv[:argv.index("--")] if "--" in argv else argv  # after "--": positionals
-    names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
-    repeated = [name for i, name in enumerate(names) if name in names[:i]]
-    if repeated:
-        parser.error(f"argument {repeated[0]}: given twice: give it once")
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)  # --sol is an error, not --solutions
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", help="student notebooks or folders of them")
     parser.add_argument("--solutions", action="store_true",
                         help="grade the reference solutions in solutions/")
-    parser.add_argument("--timeout", type=int, default=300, help="seconds per cell")
+    parser.add_argument("--timeout", type=cli.count(1), default=300,  # nbclient: 0 = no limit
+                        help="seconds per cell")
     args = parser.parse_args(argv)
-    refuse_repeated_options(parser, sys.argv[1:] if argv is None else argv)
     if args.solutions and args.paths:  # each path's notebook would be graded with the solution
         parser.error("--solutions grades the reference solutions, not the notebooks given: "
                      "give either --solutions or paths")
-    if args.timeout < 1:  # nbclient takes 0 or less for no limit at all
-        parser.error(f"argument --timeout: must be >= 1 second, got {args.timeout}")
     if args.solutions and not os.path.isdir(SOLUTIONS):
         parser.error(f"--solutions: there is no {SOLUTIONS} folder: this looks like a "
                      f"students' copy, from which the handout deletes it; run --solutions "
