@@ -81,13 +81,29 @@ def usage():
             + "\n".join(lines[start + 1:end]))
 
 
+def silence_stdout():
+    """Point stdout at /dev/null once the program reading it has gone (a broken pipe), so
+    that later prints, and Python's own flush at exit, do not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def stop_report(stop):
+    """(stream, word) for the message after a stop: Ctrl-C is reported on stdout; a broken
+    pipe, i.e. the program reading our output has gone (`python train.py | head`), on stderr,
+    once stdout points at /dev/null."""
+    if isinstance(stop, BrokenPipeError):
+        silence_stdout()
+        return sys.stderr, "stopped: the output was closed (broken pipe)"
+    return sys.stdout, "interrupted"
+
+
 def apply_overrides(args, namespace):
     """--key=value overrides, checked against the defaults' types; returns the keys given."""
     if "--help" in args or "-h" in args:
         try:
             print(usage(), flush=True)
         except BrokenPipeError:  # `python train.py --help | head`: head has read its lines
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
+            silence_stdout()
         raise SystemExit(0)
     given = {}  # key -> the argument that set it
     for arg in args:
@@ -529,7 +545,9 @@ def main(argv):
                 checkpoint.write_metrics(metrics_path, history)
                 state = {"epoch": epoch, "step": 0, "sums": None,
                          "data_rng": data_rng.bit_generator.state}
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError) as stop:
+        # a broken pipe (`python train.py | head`) stops and saves as Ctrl-C does
+        report, why = stop_report(stop)
         if "pending" in state:  # steps were done since the last save
             saved = False
             try:
@@ -547,17 +565,19 @@ def main(argv):
                     kept = (f"{ckpt_path} still holds the previous one"
                             if os.path.exists(ckpt_path) else "nothing saved yet")
                     print(f"\ninterrupted, and the checkpoint could not be written ({e!r}): "
-                          f"{kept}")
+                          f"{kept}", file=report)
                     return 1
         where = (f"{ckpt_path} holds {progress_text(state['epoch'], state['step'])}; run the "
                  f"same command again to resume" if os.path.exists(ckpt_path) else "nothing saved yet")
-        print(f"\ninterrupted: {where}")
+        print(f"\n{why}: {where}", file=report)
         return 1
     try:
         finalize(net, ds, test_x, noise, history)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted during the final evaluation: training is complete and saved in "
-              f"{ckpt_path}; run the same command again to redo the final evaluation")
+    except (KeyboardInterrupt, BrokenPipeError) as stop:
+        report, why = stop_report(stop)
+        print(f"\n{why} during the final evaluation: training is complete and saved in "
+              f"{ckpt_path}; run the same command again to redo the final evaluation",
+              file=report)
         return 1
     return 0
 
@@ -619,6 +639,9 @@ if __name__ == "__main__":
     except (ConfigError, checkpoint.CheckpointError, data.DataError, FloatingPointError) as e:
         # errors that name their cause: the message is the whole story, no traceback needed
         sys.exit(f"error: {e}")
+    except BrokenPipeError:  # the output was closed before training started: nothing lost
+        silence_stdout()
+        sys.exit("error: the output was closed (broken pipe) before training started")
     except OSError as e:  # e.g. the disk is full: the message names the file
         sys.exit(f"error: {e}")
     except MemoryError as e:  # e.g. --hidden=100000000: NumPy says how much it wanted

@@ -472,6 +472,28 @@ def test_script_saves_on_sigterm(tmp_path, stop):
     assert meta["epoch"] == 0 and meta["step"] >= 3
 
 
+def test_script_saves_when_its_output_is_closed(tmp_path):
+    """`python train.py | head`: once head has its lines, the next print fails (a broken
+    pipe). That stops the run and saves it as Ctrl-C does (it used to die with nothing
+    saved), and the message goes to stderr."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), "--z_dims=4,2", "--hidden=16,8",
+               "--n_dense=1", "--epochs=1000", "--warmup=0", "--eval_interval=0",
+               "--final_lk_samples=0", "--log_interval=1", f"--out_dir={out}"]
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}) as proc:
+        for line in proc.stdout:  # head: read a few lines, then go
+            if "step 3/" in line:
+                break
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "stopped: the output was closed (broken pipe): " in err, err
+    assert "run the same command again to resume" in err and "Traceback" not in err, err
+    meta = read_ckpt(out)[1]
+    assert meta["epoch"] == 0 and meta["step"] >= 3
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
 def test_script_started_with_sighup_ignored_keeps_running(tmp_path):
     """`nohup python train.py` ignores SIGHUP: closing the terminal must not stop the run
