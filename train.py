@@ -12,10 +12,10 @@ r"""Train a Ladder VAE (or the bottom-up hierarchical VAE) on dynamically binari
 Configuration: the plain values below; override any with --key=value (the type must
 match the default's; an unknown key, or one given twice, is an error). Running again
 with the same out_dir resumes from its checkpoint, exactly where it stopped (Ctrl-C,
-`kill` or closing the terminal saves before exiting); the architecture must stay the
-same, and so must --init_from (a fine-tuning run needs its own out_dir) and, in the
-middle of an epoch, --batch_size; a change of any other option (a longer --epochs, a new
---lr) is printed when the run resumes. The paper's code also clips the gradient norm;
+`kill`, closing the terminal or the pipe it prints to saves before exiting); the
+architecture must stay the same, and so must --init_from (a fine-tuning run needs its own
+out_dir) and, in the middle of an epoch, --batch_size; a change of any other option (a
+longer --epochs, a new --lr) is printed when the run resumes. The paper's code also clips the gradient norm;
 here that is off unless --clip_norm is set.
 """
 import contextlib
