@@ -15,8 +15,8 @@ with the same out_dir resumes from its checkpoint, exactly where it stopped (Ctr
 `kill`, closing the terminal or the pipe it prints to saves before exiting); the
 architecture must stay the same, and so must --init_from (a fine-tuning run needs its own
 out_dir) and, in the middle of an epoch, --batch_size; a change of any other option (a
-longer --epochs, a new --lr) is printed when the run resumes. The paper's code also clips the gradient norm;
-here that is off unless --clip_norm is set.
+longer --epochs, a new --lr) is printed when the run resumes. The paper's code also clips
+the gradient norm; here that is off unless --clip_norm is set.
 """
 import contextlib
 import math
