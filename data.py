@@ -179,6 +179,16 @@ def _as_path(root, what):
     return Path(root)
 
 
+def _as_folder(root, what):
+    """``root`` as the Path of a folder: a file there would only be reported later as four
+    missing files inside it."""
+    folder = _as_path(root, what)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"data root {folder} is a file, not a folder: give the folder that "
+                        f"holds the data files")
+    return folder
+
+
 def _find_file(folder, name):
     """``folder/name.gz`` if present, else ``folder/name``, else None."""
     for candidate in (Path(folder) / (name + ".gz"), Path(folder) / name):
@@ -289,7 +299,7 @@ def _verified_mnist_bytes(folder, name):
 def load_mnist(root=None):
     """Load MNIST (60000 train / 10000 test) from ``root`` (default: the copy
     shipped in data/mnist), verifying each file's SHA-256 first."""
-    folder = _as_path(root, "load_mnist: root must be a folder") if root is not None else MNIST_DIR
+    folder = _as_folder(root, "load_mnist: root must be a folder") if root is not None else MNIST_DIR
     key = ("mnist", str(folder.resolve()))
     if key not in _CACHE:
         f = {name: _verified_mnist_bytes(folder, name) for name in IDX_FILES}
@@ -323,7 +333,7 @@ def load_fashion_mnist(root=None):
     (/usr/share/datasets/fashion-mnist).  The first folder
     that holds all four IDX files (raw or .gz) is used.
     """
-    folders = ([_as_path(root, "load_fashion_mnist: root must be a folder")] if root is not None
+    folders = ([_as_folder(root, "load_fashion_mnist: root must be a folder")] if root is not None
                else _fashion_mnist_candidates())
     for folder in folders:
         if all(_find_file(folder, f) for f in IDX_FILES):

@@ -152,6 +152,15 @@ def test_empty_data_root_advises_the_shipped_copy_not_git(tmp_path):
     assert "git checkout" not in str(e.value) and "data/mnist/README.md" in str(e.value)
 
 
+@pytest.mark.parametrize("load", [data.load_mnist, data.load_fashion_mnist])
+def test_data_root_that_is_a_file_is_named(tmp_path, load):
+    """It was reported as four files missing inside it ("put the files in <file>")."""
+    a_file = tmp_path / "train-images-idx3-ubyte.gz"
+    a_file.write_bytes(b"")
+    with pytest.raises(DataError, match=f"data root {a_file} is a file, not a folder"):
+        load(a_file)
+
+
 def test_missing_shipped_mnist_file_advises_git_checkout(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "MNIST_DIR", tmp_path.resolve())
     with pytest.raises(DataError, match="git checkout -- data/mnist"):
