@@ -92,6 +92,8 @@ def _read(path):
     """(arrays, meta) of a checkpoint written by ``save``; any other file, or a damaged
     one, is a CheckpointError that names the problem."""
     path = _as_path(path)
+    if not path:  # e.g. evaluate.py "": "checkpoint  does not exist" would hide the cause
+        raise CheckpointError("the checkpoint's path is empty")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)

@@ -296,6 +296,12 @@ def test_missing_checkpoint(tmp_path):
         checkpoint.read_config(str(tmp_path / "missing.npz"))
 
 
+def test_empty_checkpoint_path_is_named():
+    """evaluate.py "" said "checkpoint  does not exist", the empty name invisible."""
+    with pytest.raises(CheckpointError, match="the checkpoint's path is empty"):
+        checkpoint.read_config("")
+
+
 def test_saved_file_is_a_plain_zip(tmp_path):
     # the magic-byte check in _read relies on this
     path = write_checkpoint(tmp_path / "ckpt.npz")
