@@ -253,7 +253,9 @@ class Tensor:
             # Tensor; a list has no shape to check (it was reported as "shape None")
             grad = grad.data if isinstance(grad, Tensor) else grad
             if isinstance(grad, np.generic):  # np.float64(1.0) for a one-number loss
-                grad = np.asarray(grad)
+                # made an array where this tensor is: CuPy takes NumPy scalars, but a
+                # NumPy 0-d array next to CuPy arrays is a mix of devices
+                grad = get_array_module(self.data).asarray(grad)
             if not isinstance(grad, get_array_module(grad).ndarray):
                 raise TypeError(f"backward(grad): grad must be an array of shape {self.shape}, "
                                 f"got {type(grad).__name__}")

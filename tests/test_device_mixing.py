@@ -58,6 +58,16 @@ def test_check_same_device_takes_numpy_scalars_but_not_0d_arrays(fake_cupy):
         autograd.check_same_device("op", fake_cupy(np.array(1.0)), np.ones(2))
 
 
+def test_backward_takes_a_numpy_scalar_seed_on_the_gpu(fake_cupy):
+    """loss.backward(np.float64(1.0)) on a GPU loss: the seed was made a NumPy 0-d array,
+    then refused as a mix of devices, where a CPU loss took it."""
+    x = Tensor(fake_cupy(np.array(1.0, np.float32)), requires_grad=True)  # a one-number loss
+    (x * 2).backward(np.float64(1.0))
+    assert isinstance(x.grad, StandInGpuArray) and x.grad.dtype == np.float32 and x.grad == 2
+    with pytest.raises(TypeError, match=f"backward: the inputs are {MIXED}"):
+        (x * 2).backward(np.array(1.0))  # a NumPy array is still another device
+
+
 @pytest.mark.parametrize("op", ["add", "sub", "mul", "div", "matmul"])
 def test_binary_ops_name_mixed_devices(fake_cupy, op):
     cpu = Tensor(np.ones((2, 2)), requires_grad=True)
@@ -120,6 +130,9 @@ def test_mixed_devices_on_a_real_gpu():
     with pytest.raises(TypeError, match=f"mul: the inputs are {MIXED}"):
         Tensor(cupy.ones(3)) * Tensor(np.array(2.0))  # 0-d: CuPy refuses those too
     (Tensor(cupy.ones(3)) * np.float32(2)).data.get()  # a NumPy scalar is taken
+    x = Tensor(cupy.ones(3, np.float32), requires_grad=True)
+    (x * 2).sum().backward(np.float64(1.0))  # a NumPy scalar seed is taken too
+    assert isinstance(x.grad, cupy.ndarray) and x.grad.dtype == np.float32
     with pytest.raises(TypeError, match=f"merge: the inputs are {MIXED}"):
         gaussian.merge(Tensor(cupy.ones(3)), cupy.ones(3), np.ones(3), 1.0)
     with pytest.raises(TypeError, match=f"concatenate: the inputs are {MIXED}"):
