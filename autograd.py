@@ -262,7 +262,9 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ValueError(f"backward(grad): grad has shape {grad.shape}, expected "
                                  f"{self.shape}")
-            check_same_device("backward", self, grad)
+            # self.data as an array: a one-number loss on the CPU holds a NumPy scalar
+            # ((x * 2).sum()), which check_same_device leaves out, so a CuPy seed passed
+            check_same_device("backward", get_array_module(self.data).asarray(self.data), grad)
             # the seed takes this tensor's dtype, as numbers do: a float64 seed would make
             # every gradient of a float32 model float64 (and an integer one, integers)
             grad = grad.astype(self.dtype, copy=False)

@@ -68,6 +68,17 @@ def test_backward_takes_a_numpy_scalar_seed_on_the_gpu(fake_cupy):
         (x * 2).backward(np.array(1.0))  # a NumPy array is still another device
 
 
+def test_backward_refuses_a_gpu_seed_for_a_one_number_cpu_loss(fake_cupy):
+    """A CPU loss of one number holds a NumPy scalar, which the device check left out: a
+    CuPy seed passed and the CPU leaf's .grad came out a CuPy array."""
+    x = Tensor(np.array(1.0, np.float32), requires_grad=True)
+    loss = x * 2
+    assert isinstance(loss.data, np.generic)  # what NumPy gives for 0-d operands
+    with pytest.raises(TypeError, match=f"backward: the inputs are {MIXED}"):
+        loss.backward(fake_cupy(np.array(1.0)))
+    assert x.grad is None
+
+
 @pytest.mark.parametrize("op", ["add", "sub", "mul", "div", "matmul"])
 def test_binary_ops_name_mixed_devices(fake_cupy, op):
     cpu = Tensor(np.ones((2, 2)), requires_grad=True)
@@ -133,6 +144,8 @@ def test_mixed_devices_on_a_real_gpu():
     x = Tensor(cupy.ones(3, np.float32), requires_grad=True)
     (x * 2).sum().backward(np.float64(1.0))  # a NumPy scalar seed is taken too
     assert isinstance(x.grad, cupy.ndarray) and x.grad.dtype == np.float32
+    with pytest.raises(TypeError, match=f"backward: the inputs are {MIXED}"):
+        (Tensor(np.ones(3), requires_grad=True) * 2).sum().backward(cupy.asarray(1.0))
     with pytest.raises(TypeError, match=f"merge: the inputs are {MIXED}"):
         gaussian.merge(Tensor(cupy.ones(3)), cupy.ones(3), np.ones(3), 1.0)
     with pytest.raises(TypeError, match=f"concatenate: the inputs are {MIXED}"):
