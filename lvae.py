@@ -119,7 +119,7 @@ class Noise:
     def normal(self, shape, like):
         """eps ~ N(0, I) of ``shape``, on the device and in the dtype of the array ``like``."""
         # e.g. a model.astype(np.float16): NumPy's and CuPy's standard_normal draw only these
-        # two, and refused float16 from deep inside as "Unsupported dtype" (32 ns per draw)
+        # two, and refuse float16 from deep inside (NumPy: "Unsupported dtype"; 32 ns per draw)
         if like.dtype not in _NOISE_DTYPES:
             raise TypeError(f"Noise: samples are drawn in float32 or float64, not {like.dtype} "
                             f"(the model's dtype? use model.astype(np.float32))")
