@@ -53,10 +53,10 @@ import tempfile
 import numpy as np
 import matplotlib.pyplot as plt
 from IPython.display import Image, display
-import plots                      # selects matplotlib's file-only Agg backend when imported ...
+import plots                      # draws on its own Figures and writes them as PNG files
 %matplotlib inline
-plt.rcParams["figure.dpi"] = 80   # ... so switch the notebook back to inline figures
-plots.DPI = 80                    # and a moderate resolution keeps the committed notebooks small
+plt.rcParams["figure.dpi"] = 80   # our own figures appear in the notebook, at a resolution
+plots.DPI = 80                    # (plots.py's PNGs too) that keeps the committed notebooks small
 
 _figures = tempfile.TemporaryDirectory(prefix="lvae_notebook_")  # removed when the kernel stops
 FIGURES = Path(_figures.name)     # plots.py writes its PNGs here
