@@ -144,6 +144,13 @@ def apply_overrides(args, namespace):
     return set(given)
 
 
+# options that do nothing while another is off (key, the other, why): a note says so
+IDLE_WITHOUT = (
+    ("eval_lk_images", "eval_lk_samples", "--eval_lk_samples=0 skips the periodic L_K"),
+    ("final_lk_images", "final_lk_samples", "--final_lk_samples=0 skips the final L_K"),
+    ("bn_recompute", "batch_norm", "--batch_norm=false leaves no statistics to recompute"))
+
+
 class ConfigError(ValueError):
     """An option value that cannot work (raised before any data is loaded)."""
 
@@ -400,6 +407,9 @@ def main(argv):
     if "min_lr" in given and not decay_lr:  # the lr would stay --lr, without a word
         raise ConfigError(f"--min_lr is the last epoch's lr of --decay_lr=true, which is off: "
                           f"add --decay_lr=true, or leave out --min_lr")
+    for key, switch, why in IDLE_WITHOUT:  # harmless, but the user may think it did something
+        if key in given and not config[switch]:
+            print(f"note: --{key} has no effect: {why}")
     try:
         check_device(device)
     except (ValueError, RuntimeError) as e:  # an unknown name, or no usable CUDA device
@@ -414,8 +424,9 @@ def main(argv):
     # more images for L_K than the test set holds: all of them are used, as with 0, and a
     # note says so (not an error, as evaluate.py --images is: the default 2000 may exceed
     # a small test set the user chose)
-    for key in ("eval_lk_images", "final_lk_images"):
-        if config[key] > len(test_x):
+    for key, samples in (("eval_lk_images", eval_lk_samples),
+                         ("final_lk_images", final_lk_samples)):
+        if samples and config[key] > len(test_x):  # (with no L_K, no images are used)
             print(f"note: --{key}={config[key]}, but the {dataset} test set has "
                   f"{len(test_x)} images: all of them are used")
     if batch_norm and 1 in (batch_size, len(ds.train_x) % batch_size):

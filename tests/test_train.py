@@ -246,6 +246,23 @@ def test_final_bound_on_one_image_has_no_standard_error(run, tmp_path, capsys):
     assert final["lk_images"] == 1 and "stderr" not in final
 
 
+@pytest.mark.parametrize("args, note", [
+    (["--eval_lk_samples=0", "--eval_lk_images=10"],
+     "note: --eval_lk_images has no effect: --eval_lk_samples=0 skips the periodic L_K"),
+    (["--final_lk_samples=0", "--final_lk_images=20000"],
+     "note: --final_lk_images has no effect: --final_lk_samples=0 skips the final L_K"),
+    (["--batch_norm=false", "--bn_recompute=false"],
+     "note: --bn_recompute has no effect: --batch_norm=false leaves no statistics to recompute"),
+])
+def test_an_option_that_another_turns_off_gets_a_note(run, tmp_path, capsys, args, note):
+    """Accepted and ignored, they changed nothing without a word. (Not errors: a command
+    that skips L_K may keep its --final_lk_images.)"""
+    assert run(tmp_path / "run", "--epochs=1", *args) == 0
+    out = capsys.readouterr().out
+    assert note in out
+    assert "--final_lk_images=20000, but" not in out  # no note on images that are not used
+
+
 def test_beta_rises_over_the_warm_up_and_then_stays_at_1(monkeypatch):
     monkeypatch.setattr(train, "warmup", 3)
     assert [train.beta_for(e) for e in (0, 1, 3, 4, 10)] == [0.0, pytest.approx(1 / 3), 1, 1, 1]
