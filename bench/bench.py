@@ -45,7 +45,7 @@ def parse_args(argv):
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="cpu")
     p.add_argument("--quick", action="store_true", help="fewer steps and images (a smoke run)")
-    p.add_argument("--out", default="", help="also write the report to this file")
+    p.add_argument("--out", default=None, help="also write the report to this file")
     p.add_argument("--threads", type=cli.count(1), default=2,
                    help="CPU threads for PyTorch (torch.set_num_threads) and, unless "
                         "OPENBLAS_NUM_THREADS/OMP_NUM_THREADS/MKL_NUM_THREADS are already "
@@ -53,7 +53,8 @@ def parse_args(argv):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the PyTorch process
     args = p.parse_args(argv)
     # checked now, not when it is used: the report is written after minutes of work
-    problem = args.out and _unwritable(args.out)
+    problem = ("an empty file name (an unset variable, as in --out=$OUT?)"
+               if args.out == "" else args.out and _unwritable(args.out))
     if problem:
         p.error(f"argument --out: {problem}")
     return args

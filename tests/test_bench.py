@@ -19,6 +19,7 @@ def run_bench(*args):
     ("--out={tmp}", "argument --out: {tmp} is a folder; give a file name"),
     ("--out={tmp}/file.txt/x.txt", "argument --out: {tmp}/file.txt is a file, not a folder"),
     ("--out={tmp}/file.txt/a/b.txt", "argument --out: {tmp}/file.txt is a file, not a folder"),
+    ("--out=", "argument --out: an empty file name"),  # no report was written, silently
     ("--threads=0", "argument --threads: 0 is below 1"),
     ("--threads=-3", "argument --threads: -3 is below 1"),
     ("--devic=cpu", "unrecognized arguments: --devic=cpu"),  # once ran the CPU benchmark
