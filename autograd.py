@@ -389,8 +389,13 @@ _MISLEADING_ARRAYS_WHY = ("a np.matrix's * is a matrix product, and a masked arr
 
 
 def _describe(x):
+    """e.g. 'numpy.ndarray of dtype int64' (the module too: NumPy and CuPy arrays are both
+    called ndarray), or the start of repr(x)."""
     dtype = getattr(x, "dtype", None)
-    return f"{type(x).__name__} of dtype {dtype}" if dtype is not None else repr(x)[:60]
+    if dtype is None:
+        return repr(x)[:60]
+    module = type(x).__module__.split(".")[0]
+    return f"{module}.{type(x).__name__} of dtype {dtype}"
 
 
 def _numeric_array(x):

@@ -794,7 +794,7 @@ def test_numerical_gradient_refuses_arrays_it_cannot_nudge():
     """An integer array truncated x +- eps: the gradient of x^2 at [1, 2] was [500000,
     1500000], with no error."""
     square = lambda a: float((a * a).sum())
-    for arrays, got in [([np.array([1, 2])], "ndarray of dtype int64"), ([[1.0, 2.0]], r"\[1.0, 2.0\]")]:
+    for arrays, got in [([np.array([1, 2])], "numpy.ndarray of dtype int64"), ([[1.0, 2.0]], r"\[1.0, 2.0\]")]:
         with pytest.raises(TypeError, match=r"arrays\[0\] must be a floating-point NumPy array"
                                             r".*got " + got):
             numerical_gradient(square, arrays, 0)
@@ -889,7 +889,7 @@ def test_check_gradients_on_a_function_that_cuts_or_leaves_the_graph():
         check_gradients(lambda a: Tensor(a.data * 2), np.ones(3))
     check_gradients(lambda a: Tensor(np.ones(3)), np.ones(3))  # a constant: 0 is right
     with pytest.raises(TypeError, match=r"check_gradients: fn must return a Tensor, got "
-                                        r"ndarray of dtype float64"):
+                                        r"numpy.ndarray of dtype float64"):
         check_gradients(lambda a: a.data * 2, np.ones(3))
 
 
