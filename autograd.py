@@ -184,6 +184,8 @@ class Tensor:
     __array_ufunc__ = None  # make `ndarray * Tensor` call Tensor.__rmul__
 
     def __init__(self, data, requires_grad=False, name=None):
+        # input checks (NUMERIC_KINDS and _MISLEADING_ARRAYS are defined further down);
+        # the fields are set at the end
         try:  # cheap enough for every op's output (~0.1 us); refuses None, str, object arrays
             numeric = data.dtype.kind in NUMERIC_KINDS
         except AttributeError:
@@ -269,10 +271,14 @@ class Tensor:
             # every gradient of a float32 model float64 (and an integer one, integers)
             grad = grad.astype(self.dtype, copy=False)
 
+        # The seed is checked; the engine's core starts here. grads maps each node (by id)
+        # to dL/d(node) summed so far. The reversed topological order visits a node only
+        # after every op that used it, so its sum is complete when it is popped (and the
+        # pop frees it as we go).
         grads = {id(self): grad}
         for node in reversed(_topological_order(self)):
             g = grads.pop(id(node), None)
-            if g is None:
+            if g is None:  # no gradient reached it: the ops that used it returned None
                 continue
             if node._backward is None:  # a leaf: keep the gradient
                 node.grad = g if node.grad is None else node.grad + g
@@ -314,6 +320,8 @@ class Tensor:
 def _topological_order(root):
     """Nodes reachable from root, each after all of its parents (iterative DFS)."""
     order, visited = [], set()
+    # each node is pushed twice: (node, False) to push its parents, then (node, True),
+    # popped once they are all in `order`, to append the node itself
     stack = [(root, False)]
     while stack:
         node, parents_done = stack.pop()
@@ -455,6 +463,11 @@ def record_multi(datas, parents, backward):
 
     backward(grads) gets one gradient per output (None where an output got none) and
     returns one gradient per parent. A hidden joint node collects the outputs' grads.
+
+    The graph is  parents -> joint -> each output.  Output i's backward returns a list
+    (a ``_Slots``) with its g in slot i and None elsewhere; Tensor.backward adds these
+    lists at the joint as it adds any two gradients, so the joint's backward, the op's
+    ``backward``, gets all the outputs' gradients at once.
     """
     outs = [Tensor(d) for d in datas]
     if not (_grad_enabled and any(p.requires_grad for p in parents)):
