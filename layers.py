@@ -6,6 +6,7 @@ BatchNorm     y = gamma * (x - mean) / sqrt(var + eps) + beta, over the batch ax
 LeakyReLU     y = max(x, slope * x)
 MLP           a block of dense layers, each followed by batch norm and leaky ReLU
 GaussianLayer (mu, var) heads: mu = [BN](h W_mu + b), var = softplus([BN](h W_v + b)) + eps
+              ([BN]: a batch norm when batch_norm=True)
 Adam          Adam with optional clipping of the global gradient norm
 fold_batch_norm  an evaluation-only copy of a model with each batch norm folded into
               its dense layer (y = x (W a) + (a (b - m) + beta), a = gamma / sqrt(v + eps))
@@ -339,10 +340,11 @@ def batch_norm_backward(g, out, xhat, gamma, var, eps, training, slope=None):
     """Reference array code of the batch-norm op's backward: (dx, dgamma, dbeta)."""
     xp = get_array_module(g)
     if slope is not None:  # through the leaky ReLU first: out > 0 exactly where its input is
-        scale = (out > 0).astype(g.dtype)
-        scale *= 1 - slope
-        scale += slope
-        g = scale * g
+        leaky_grad = (out > 0).astype(g.dtype)
+        leaky_grad *= 1 - slope
+        leaky_grad += slope  # 1 where out > 0, else slope
+        g = leaky_grad * g
+    # the formulas of batch_norm's docstring, with N = n, v = var
     n = len(g)
     dbeta = g.sum(axis=0)
     dgamma = _column_dot(g, xhat)
@@ -370,6 +372,7 @@ def batch_norm(x, gamma, beta, eps, mean=None, var=None, slope=None):
     Returns (y, mean, variance): the batch's statistics in training, the given ones in
     evaluation.
     """
+    # input checks; the maths starts at `fused = ...`
     x = as_input("batch_norm", x)
     check_same_device("batch_norm", x, gamma)
     if x.ndim == 0 or x.shape[-1] != gamma.shape[0]:
@@ -387,7 +390,7 @@ def batch_norm(x, gamma, beta, eps, mean=None, var=None, slope=None):
         raise ValueError(f"batch norm in training mode needs at least 2 rows, got "
                          f"{rows.shape[0]}: one row normalises every feature to 0, whatever "
                          f"the input")
-    fused = kernels.active(rows)
+    fused = kernels.active(rows)  # a GPU's fused kernels, or the reference code above
     forward = kernels.batch_norm_forward if fused else batch_norm_forward
     out, xhat, mean, var = forward(rows, gamma.data, beta.data, eps, mean, var, slope)
 
@@ -442,8 +445,12 @@ class BatchNorm(Module):
         y, mean, var = batch_norm(x, self.gamma, self.beta, self.eps, slope=slope)
         n = x.size // x.shape[-1]
         self.batches_seen += 1
+        # m: the weight of this batch. With momentum None it is 1/k for the k-th batch,
+        # which keeps `running` the plain average of the k batches: (1 - 1/k) avg + batch / k
         m = self.momentum if self.momentum is not None else 1.0 / self.batches_seen
-        unbias = n / max(n - 1, 1)  # running_var estimates the population variance
+        # running_var estimates the population variance: the batch's var divides by n,
+        # n / (n - 1) turns it into the unbiased estimate (Bessel's correction)
+        unbias = n / max(n - 1, 1)
         if kernels.active(mean):
             kernels.running_average(mean, var, m, unbias, self.running_mean.data,
                                     self.running_var.data)
@@ -695,13 +702,16 @@ class Adam:
         """The update itself, with the scalars of ``step_scalars`` (numbers, or 0-d arrays
         on the parameters' device: a CUDA graph replays with whatever they hold)."""
         b1, b2 = self.beta1, self.beta2
-        if kernels.active(self.params[0].data):
+        if kernels.active(self.params[0].data):  # GPU with fusion on: one kernel per parameter
             grads = [p.grad for p in self.params if p.grad is not None]
             scale = 1.0 if self.clip_norm is None else self._device_clip_scale(grads)
             for p, m, v in zip(self.params, self.m, self.v):
                 if p.grad is not None:  # the whole update in one fused kernel
                     kernels.adam_update(p.data, p.grad, m, v, scale, b1, b2, step_size, eps_hat)
             return
+        # The plain path (NumPy, or CuPy with fusion off): first the clipping scale, then
+        # the maths of the class docstring, in place (lr and eps folded into step_size and
+        # eps_hat, see step_scalars).
         scale = None  # None: no clipping this step
         if self.clip_norm is not None and get_array_module(self.params[0].data) is not np:
             # CuPy with fusion off: the norm stays on the GPU, as on the fused path
