@@ -55,6 +55,11 @@ def merge_backward(g_mu, g_var, mu_hat, var_hat, mu_p, var_p):
         d mu_q/d var_p   = var_hat (mu_hat - mu_p) s^2
         d var_q/d var_hat = var_p^2 s^2    d var_q/d var_p = var_hat^2 s^2
     g_mu or g_var may be None (that output got no gradient).
+
+    Returns the gradients of (mu_hat, var_hat, mu_p, var_p), in that order. Each input
+    feeds both outputs, so the chain rule adds two terms: for var_hat,
+    g_mu * d mu_q/d var_hat + g_var * d var_q/d var_hat = var_p s^2 (g_mu diff + g_var var_p)
+    with diff = mu_p - mu_hat. (mu_hat and mu_p do not enter var_q: one term each.)
     """
     xp = get_array_module(mu_hat)
     s = 1 / (var_hat + var_p)
@@ -163,6 +168,7 @@ def merge(mu_hat, var_hat, mu_p, var_p):
     shape = np.broadcast_shapes(*(t.shape for t in inputs))
     datas = [xp.broadcast_to(t.data, shape) for t in inputs]
     mu_q, var_q = forward(*datas)
+    # gs: the gradients of (mu_q, var_q), collected by record_multi's joint node
     return tuple(record_multi((mu_q, var_q), inputs,
                               lambda gs: _reduce(backward(gs[0], gs[1], *datas), inputs)))
 
