@@ -15,7 +15,9 @@ pass through the *generative* model corrects it with the prior:
     q(z_L | x) = N(mu_hat_L, var_hat_L)
     q(z_i | .) = N(mu_q,i, var_q,i) = merge( (mu_hat_i, var_hat_i), p(z_i | z_i+1) )
 
-where ``merge`` is the precision-weighted product of the two Gaussians (gaussian.py).
+where ``merge`` is the precision-weighted product of the two Gaussians (gaussian.py),
+and "." stands for what q conditions z_i on: x and the sample of z_i+1 here, z_i-1 in
+the bottom-up VAE.
 
 Objective (both models): the evidence lower bound
 
@@ -166,8 +168,10 @@ def _kl_term(kind, z, mu_q, var_q, mu_p=0.0, var_p=1.0):
 
 def _sample(mu, var, noise, samples):
     """z = mu + sqrt(var) eps with eps of shape (samples, B, units) (broadcast over mu)."""
-    batch_shape = mu.shape if mu.ndim == 3 else (samples,) + mu.shape
-    return reparameterize(mu, var, noise.normal(batch_shape, like=mu.data))
+    # mu of shape (B, units) depends on x alone: eps adds the sample axis. mu of shape
+    # (samples, B, units) was computed from a sample above and has it already.
+    eps_shape = mu.shape if mu.ndim == 3 else (samples,) + mu.shape
+    return reparameterize(mu, var, noise.normal(eps_shape, like=mu.data))
 
 
 class HierarchicalModel(Module):
@@ -278,6 +282,7 @@ class HierarchicalModel(Module):
         layers = self.infer(x, noise, samples, kl)
         logits = self.decode(layers.z[0])
         xp = get_array_module(x.data)
+        # logits are (K, B, x_dim) and x is (B, x_dim): x repeated for each sample (a view)
         targets = Tensor(xp.broadcast_to(x.data, logits.shape))
         log_px = bernoulli_log_prob(logits, targets).sum(axis=-1)
         layers.logits = logits
@@ -299,7 +304,9 @@ class LadderVAE(HierarchicalModel):
                          for i in range(self.n_layers)]
 
     def infer(self, x, noise, samples, kl):
-        # bottom-up: (mu_hat_i, var_hat_i) for every layer, computed once per image
+        """The module docstring's LVAE inference: a LayerResults with z, q, p and the KL
+        of every layer (forward's arguments; forward then decodes z_1)."""
+        # bottom-up: up[i] = (mu_hat_i, var_hat_i) for every layer, computed once per image
         h, up = x, []
         for block, head in zip(self.up_blocks, self.up_heads):
             h = block(h)
@@ -311,8 +318,9 @@ class LadderVAE(HierarchicalModel):
         out.z[top], out.mu_q[top], out.var_q[top] = z, mu_q, var_q
         out.kl_units[top] = _kl_term(kl, z, mu_q, var_q)
         for i in range(top - 1, -1, -1):
-            mu_p, var_p = self.prior(i, z)
-            mu_q, var_q = merge(up[i][0], up[i][1], mu_p, var_p)
+            mu_p, var_p = self.prior(i, z)  # p(z_i | z_i+1) at the sample z just drawn
+            mu_hat, var_hat = up[i]
+            mu_q, var_q = merge(mu_hat, var_hat, mu_p, var_p)
             z = _sample(mu_q, var_q, noise, samples)
             out.z[i], out.mu_q[i], out.var_q[i], out.mu_p[i], out.var_p[i] = z, mu_q, var_q, mu_p, var_p
             out.kl_units[i] = _kl_term(kl, z, mu_q, var_q, mu_p, var_p)
@@ -456,14 +464,14 @@ def log_likelihood_bound(model, x, samples=5000, noise=None, batch_size=100,
     with evaluation(model):
         for start in range(0, len(x), batch_size):
             xb = xp.asarray(x[start:start + batch_size])
-            chunk = max(1, min(samples, max_rows // len(xb)))
-            total = None
+            chunk = max(1, min(samples, max_rows // len(xb)))  # samples per forward pass
+            total = None  # log sum_k w_k over the chunks so far, one per image
             for done in range(0, samples, chunk):
                 k = min(chunk, samples - done)
                 noise.new_step()
                 lse = logsumexp(log_weights(model, xb, noise, k), axis=0).data
                 total = lse if total is None else xp.logaddexp(total, lse)
-            results.append(to_numpy(total - math.log(samples)))
+            results.append(to_numpy(total - math.log(samples)))  # the 1/K of L_K
             if progress is not None:
                 progress(min(start + batch_size, len(x)), len(x))
     return np.concatenate(results)
