@@ -399,6 +399,9 @@ def epoch_on_device(batches, device):
 
 
 def main(argv):
+    """Options, then data, model and checkpoint, then the epoch loop (its training step is
+    the one under `with deferred_interrupt(), ...`), then finalize(). Most of the rest
+    is stopping cleanly: Ctrl-C, NaN checks, resuming."""
     given = apply_overrides(argv, globals())
     config = {k: globals()[k] for k in config_keys}
     if data_root:  # stored absolute: evaluate.py may run from another folder
@@ -507,6 +510,7 @@ def main(argv):
                     noise.new_step()
                     noise_state = noise.get_state()  # to replay this step if it goes wrong
                     xb = to_device(batch, device)
+                    # the step: forward pass (objective), backward pass, Adam update
                     objective, terms = training_objective(net, xb, noise, beta)
                     pending.append((terms, len(batch), f"epoch {epoch + 1}, step {step + 1}"))
                     # reading numbers back from a GPU waits for it: there, every log_interval steps
@@ -515,10 +519,12 @@ def main(argv):
                         check_finite(pending, ckpt_path,
                                      lambda: locate_nonfinite(net, xb, noise, noise_state, beta))
                     optimizer.zero_grad()
-                    (-objective).backward()
+                    (-objective).backward()  # Adam descends: minimise minus the objective
                     optimizer.step()
                     if read_back:
                         add_terms(sums, pending, ckpt_path)
+                    # what the `except` below saves on a stop; its "pending" key marks
+                    # steps done since the last checkpoint (the epoch's save drops it)
                     state = {"epoch": epoch, "step": step + 1, "sums": sums, "pending": pending}
                 if log_interval and (step + 1) % log_interval == 0:
                     rate = (time.perf_counter() - t0) / (step + 1 - first_step)
