@@ -14,7 +14,8 @@ For the Gaussian ops, per element, with s = 1 / (var_hat + var_p) and the same f
 and the backward of each (the derivatives are written out in gaussian.py's docstrings).
 
 Why fuse: these ops do a few flops per element, so on a GPU their time is memory
-traffic. The plain CuPy code of merge_backward launches ~18 kernels, each reading its
+traffic. (A kernel is a function the GPU runs for every element in parallel; each CuPy
+array operation launches one.) The plain CuPy code of merge_backward launches ~18 kernels, each reading its
 operands from GPU memory and writing a temporary array; the fused kernel reads every
 input once, keeps the intermediates (s, s^2, the mean difference) in registers and
 writes each gradient once.
@@ -30,6 +31,10 @@ kernels themselves with that code.
 
 Use ``active(array)`` to ask whether the fused path is taken (CuPy arrays while fusion
 is on); ``set_fusion(False)`` runs the plain CuPy reference instead, for comparisons.
+So each call takes one of three paths: NumPy arrays (the CPU) run the plain array code
+of gaussian.py, layers.py and autograd.py and nothing in this file; CuPy arrays run the
+kernels here; CuPy arrays with fusion off run that same plain code, on the GPU. On a
+CPU this file can be skipped.
 """
 import math
 
