@@ -585,7 +585,9 @@ def matmul(a, b):
         if a.requires_grad:
             ga = sum_to(g @ b.data.swapaxes(-1, -2), a.shape)
         if b.requires_grad:
-            if b.ndim == 2:  # the weight of a dense layer: fold batch dims into rows
+            # the weight of a dense layer: fold batch dims into rows, one product instead of
+            # a stack of per-batch products for sum_to to add up
+            if b.ndim == 2:
                 gb = a.data.reshape(-1, a.shape[-1]).T @ g.reshape(-1, g.shape[-1])
             else:
                 gb = sum_to(a.data.swapaxes(-1, -2) @ g, b.shape)
