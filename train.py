@@ -514,6 +514,7 @@ def main(argv):
                     objective, terms = training_objective(net, xb, noise, beta)
                     pending.append((terms, len(batch), f"epoch {epoch + 1}, step {step + 1}"))
                     # reading numbers back from a GPU waits for it: there, every log_interval steps
+                    # (every 50 with --log_interval=0, which only turns the progress lines off)
                     read_back = device == "cpu" or (step + 1) % (log_interval or 50) == 0
                     if read_back:  # before the update, while the weights that made a NaN are intact
                         check_finite(pending, ckpt_path,
