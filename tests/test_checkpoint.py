@@ -129,6 +129,41 @@ def test_npz_without_meta_is_not_a_checkpoint(tmp_path):
         checkpoint.read_config(str(path))
 
 
+UNPICKLED = []  # what _PickleTrap's unpickling appends to: it must stay empty
+
+
+def _record_unpickling():
+    UNPICKLED.append("unpickled")
+    return "unpickled"
+
+
+class _PickleTrap:
+    """An object whose unpickling runs code (any pickle can): a checkpoint is read with
+    allow_pickle=False, so a file that holds one is refused before it is unpickled."""
+
+    def __reduce__(self):
+        return _record_unpickling, ()
+
+
+@pytest.mark.parametrize("entry", ["model/output.weight", "optim/t", "extra"])
+def test_an_object_array_in_a_checkpoint_is_refused_without_unpickling_it(tmp_path, entry):
+    """The module docstring's promise, 'read without pickle': an .npz whose valid meta sits
+    next to an object array (a pickle) is a CheckpointError, and the pickle never runs.
+    (With allow_pickle=True the trap ran and read_config returned the config.)"""
+    path = write_checkpoint(tmp_path / "ckpt.npz")
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays[entry] = np.array([_PickleTrap()], dtype=object)
+    np.savez(path, **arrays)  # np.savez pickles object arrays
+    UNPICKLED.clear()
+    for read in (checkpoint.read_config, lambda p: checkpoint.load_weights(p, tiny_model()),
+                 resume):
+        with pytest.raises(CheckpointError, match=r"unreadable or corrupt \(Object arrays "
+                                                  r"cannot be loaded when allow_pickle=False"):
+            read(path)
+    assert UNPICKLED == [], "reading a checkpoint unpickled an object array"
+
+
 def test_directory_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="cannot be read"):
         checkpoint.read_config(str(tmp_path))
