@@ -836,10 +836,19 @@ def test_active_units_is_its_unbiased_formula():
     tell ddof=0 from ddof=1; this one compares with the formula on the same draws."""
     model, x, k = tiny_model("lvae"), binary_batch(30), 10
     draws = lvae.posterior_mean_draws(model, x, lvae.Noise(0), samples=k)  # (K, images, units)
-    activity, _ = lvae.active_units(model, x, lvae.Noise(0), samples=k)
+    activity, counts = lvae.active_units(model, x, lvae.Noise(0), samples=k)
     for i, (a, mu) in enumerate(zip(activity, draws)):
         expected = mu.mean(axis=0).var(axis=0, ddof=1) - mu.var(axis=0, ddof=1).mean(axis=0) / k
         np.testing.assert_allclose(a, expected, rtol=1e-12, atol=1e-15, err_msg=f"layer z{i + 1}")
+    # the counts are of the units above the threshold; this model has units on both sides
+    # of 0.01, so the default threshold (0.01, Burda et al.) and default K (10) are checked too
+    assert counts == [int((a > 0.01).sum()) for a in activity]
+    assert 0 < sum(counts) < sum(a.size for a in activity), "every unit on one side of 0.01"
+    default_activity, default_counts = lvae.active_units(model, x, lvae.Noise(0))
+    assert default_counts == counts
+    for a, b in zip(default_activity, activity):
+        np.testing.assert_array_equal(a, b)
+    assert lvae.active_units(model, x, lvae.Noise(0), threshold=1e-6)[1] != counts
 
 
 def test_active_units_needs_two_samples_and_two_images():
@@ -847,6 +856,9 @@ def test_active_units_needs_two_samples_and_two_images():
         lvae.active_units(tiny_model("lvae"), binary_batch(5), lvae.Noise(0), samples=1)
     with pytest.raises(ValueError, match="2 images or more"):
         lvae.active_units(tiny_model("lvae"), binary_batch(1), lvae.Noise(0))
+    # the boundary: two images and two draws are enough (a variance with ddof=1 of two values)
+    activity, _ = lvae.active_units(tiny_model("lvae"), binary_batch(2), lvae.Noise(0), samples=2)
+    assert all(np.all(np.isfinite(a)) for a in activity)
 
 
 def test_analysis_helpers_take_a_tensor_of_images():
