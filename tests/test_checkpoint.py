@@ -215,17 +215,22 @@ RECORD = {"epoch": 1, "beta": 1.0, "lr": 0.002, "train_elbo": -200.0, "train_log
 SUMS = {"elbo": -12800.0, "log_px": -12000.0, "kl": [600.0, 200.0], "n": 64, "seconds": 0.5}
 
 
-def test_a_checkpoint_in_the_middle_of_an_epoch_round_trips(tmp_path):
+@pytest.mark.parametrize("sums", [SUMS, {**SUMS, "n": 1},
+                                  {k: v for k, v in SUMS.items() if k != "seconds"}],
+                         ids=["sums", "one image so far", "no seconds"])
+def test_a_checkpoint_in_the_middle_of_an_epoch_round_trips(tmp_path, sums):
+    """Also the edges of the checks below: a count of 1 (one image of batch size 1 done)
+    is a valid divisor, and the time spent is optional."""
     progress = {"history": [RECORD, {**RECORD, "epoch": 2, "test_elbo": None}], "step": 1,
-                "sums": SUMS}
+                "sums": sums}
     path = rewrite(write_checkpoint(tmp_path / "ckpt.npz"), lambda a, m: m.update(progress))
     state, history = resume(path)
-    assert history == progress["history"] and state["sums"] == SUMS
+    assert history == progress["history"] and state["sums"] == sums
 
 
 @pytest.mark.parametrize("key, bad", [
     ("epoch", -1), ("step", "3"), ("sums", [1]), ("epoch", True),
-    ("sums", {"elbo": "x", "log_px": 0.0, "kl": [0.0], "n": 1}),
+    ("sums", {"elbo": "x", "log_px": 0.0, "kl": [0.0, 0.0], "n": 1}),
     ("sums", {"elbo": 0.0, "log_px": 0.0, "kl": 0.0, "n": 1}),
     ("history", [1, 2]), ("history", [{"train_elbo": -90.0}]), ("history", {"epoch": 1}),
     # what the end of the run plots must be there: it used to fail only then, in plots.py
@@ -234,6 +239,13 @@ def test_a_checkpoint_in_the_middle_of_an_epoch_round_trips(tmp_path):
     ("sums", {**SUMS, "kl": [0.0]}),  # one KL per layer: zip() cut the epoch's to one
     ("sums", {**SUMS, "n": 0}),  # the divisor of the epoch's means
     ("sums", {**SUMS, "n": 64.5}),
+    # each bad in one entry only, the rest valid: the cases above that are bad in two ways
+    # (kl and another) passed with that other check deleted
+    ("sums", {**SUMS, "elbo": None}), ("sums", {**SUMS, "log_px": "-12000"}),
+    ("sums", {**SUMS, "seconds": [0.5]}),
+    ("history", [{k: v for k, v in RECORD.items() if k != "beta"}]),
+    ("history", [{**RECORD, "train_elbo": None}]), ("history", [{**RECORD, "epoch": -1}]),
+    ("history", [{**RECORD, "test_lk": "x"}]),
 ])
 def test_bad_progress_is_named(tmp_path, key, bad):
     path = rewrite(write_checkpoint(tmp_path / "ckpt.npz"),
