@@ -37,12 +37,42 @@ def test_bad_options_are_usage_errors_before_any_work(tmp_path, arg, message):
     assert proc.stdout == ""  # no section of the benchmark ran
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+# root may write anywhere: there, os.access is made to answer as for another user (for the
+# locked paths only), so that the check still runs rather than skipping
+AS_ANOTHER_USER = """
+import os, runpy, sys
+locked = sys.argv.pop(1)
+real = os.access
+os.access = lambda path, mode, **kw: (False if mode & os.W_OK and os.path.abspath(path)
+                                      .startswith(locked) else real(path, mode, **kw))
+sys.argv[0] = sys.argv[1]
+del sys.argv[1]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_bench_locked(locked, *args):
+    """bench.py with ``locked`` (a folder or file) not writable, also for root."""
+    if os.geteuid() != 0:
+        return run_bench(*args)
+    return subprocess.run([sys.executable, "-c", AS_ANOTHER_USER, str(locked),
+                           str(ROOT / "bench" / "bench.py"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
 def test_an_out_folder_without_write_permission_is_refused(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    proc = run_bench("--quick", f"--out={locked}/report.txt")
-    assert proc.returncode == 2 and f"no permission to write in {locked}" in proc.stderr
+    proc = run_bench_locked(locked, "--quick", f"--out={locked}/report.txt")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"argument --out: no permission to write in {locked}" in proc.stderr
+    assert proc.stdout == ""  # no section of the benchmark ran
+    # a report file that exists but cannot be overwritten
+    (tmp_path / "old.txt").write_text("")
+    (tmp_path / "old.txt").chmod(0o400)
+    proc = run_bench_locked(tmp_path / "old.txt", "--quick", f"--out={tmp_path}/old.txt")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"argument --out: no permission to write {tmp_path}/old.txt" in proc.stderr
 
 
 def test_device_cuda_without_cuda_fails_after_writing_its_report(tmp_path):
