@@ -165,11 +165,12 @@ def test_batch_norm_forward_body(compiled, dtype, slope):
     close(got["out"], out, dtype, "batch norm output")
 
 
-def batch_norm_problem(dtype, slope, training, seed):
-    """A batch of 32 x 6 inputs and output gradients, with layers.py's forward and backward
-    results: (x, g, gamma, (out, xhat, mean, var), (dx, dgamma, dbeta))."""
+def batch_norm_problem(dtype, slope, training, seed, offset=1.0):
+    """A batch of 32 x 6 inputs (standard deviation 2, mean ``offset``) and output
+    gradients, with layers.py's forward and backward results:
+    (x, g, gamma, (out, xhat, mean, var), (dx, dgamma, dbeta))."""
     rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((32, 6)) * 2 + 1).astype(dtype)
+    x = (rng.standard_normal((32, 6)) * 2 + offset).astype(dtype)
     gamma, beta = rng.random(6).astype(dtype) + 0.5, rng.standard_normal(6).astype(dtype)
     g = rng.standard_normal((32, 6)).astype(dtype)
     forward = layers.batch_norm_forward(x, gamma, beta, 1e-4, slope=slope)
@@ -192,10 +193,14 @@ def test_batch_norm_backward_body(compiled, dtype, slope, training):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("slope", [None, 0.01])
-def test_batch_norm_column_sums(compiled, dtype, slope):
-    """The batch variance, dbeta and dgamma of the fused batch norm's reductions."""
-    x, g, _, (out, xhat, mean, var), (_, dgamma, dbeta) = batch_norm_problem(dtype, slope,
-                                                                             True, seed=4)
+@pytest.mark.parametrize("offset", [1.0, 1e3], ids=["mean 1", "mean 1000"])
+def test_batch_norm_column_sums(compiled, dtype, slope, offset):
+    """The batch variance, dbeta and dgamma of the fused batch norm's reductions. With a
+    mean far from 0 (1000, standard deviation 2) the variance must be summed from the
+    centred values as layers.py does: sum(x^2 - mean^2), equal in exact arithmetic,
+    loses the variance to cancellation in float32 (and passed with the mean near 1)."""
+    x, g, _, (out, xhat, mean, var), (_, dgamma, dbeta) = batch_norm_problem(
+        dtype, slope, True, seed=4, offset=offset)
     s = 1.0 if slope is None else slope
     close(reduce(compiled, "lvae_bn_var", dtype, x=x, mean=mean, n=len(x)), var, dtype,
           "batch variance")
