@@ -825,7 +825,11 @@ def test_fused_batch_norm_with_slope_zero_is_a_relu(fake_cupy, dtype, training):
 def test_wrappers_run_integer_arrays_in_float64_as_numpy_does(fake_cupy):
     """Arrays of integers only (no float dtype to keep): the kernel runs in float64, the
     dtype NumPy gives the reference code (log and true division of integers)."""
-    z, mu, var = np.arange(-3, 4), np.zeros(7, np.int32), np.full(7, 2)
-    got, expected = kernels.log_normal_forward(z, mu, var), gaussian.log_normal_forward(z, mu, var)
-    assert got.dtype == expected.dtype == np.float64
-    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    # two integer dtypes, and one (the case _promoted's shortcut for a single dtype must
+    # not take: it passed the int64 arrays to the kernel unchanged, untested)
+    for mu_dtype in (np.int32, np.int64):
+        z, mu, var = np.arange(-3, 4), np.zeros(7, mu_dtype), np.full(7, 2)
+        got = kernels.log_normal_forward(z, mu, var)
+        expected = gaussian.log_normal_forward(z, mu, var)
+        assert got.dtype == expected.dtype == np.float64, mu_dtype
+        np.testing.assert_allclose(got, expected, rtol=1e-12, err_msg=str(mu_dtype))
