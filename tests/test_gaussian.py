@@ -149,6 +149,16 @@ def test_numbers_take_the_dtype_of_the_first_tensor_not_of_the_first_array():
     assert got.dtype == np.float64
     expected = gaussian.kl_forward(m32.astype(np.float64), v.data, 0.1, 1.0)
     np.testing.assert_allclose(got.data, expected, rtol=1e-14)
+    # two Tensors: the first one's dtype, float32 here (0.1 rounded to float32), not the
+    # last one's (last-Tensor-wins passed the case above, which has only one Tensor)
+    got = gaussian.gaussian_kl(Tensor(m32), v, 0.1, 1.0)
+    assert got.dtype == np.float64  # float32 with float64 gives float64
+    f32 = [np.array(a, np.float32) for a in (0.1, 1.0)]
+    expected = gaussian.kl_forward(m32, v.data, *f32)  # mu_q - mu_p in float32
+    np.testing.assert_allclose(got.data, expected, rtol=1e-14)
+    as_float64 = gaussian.kl_forward(m32, v.data, np.array(0.1), np.array(1.0))
+    assert not np.allclose(got.data, as_float64, rtol=1e-10, atol=0), \
+        "the case cannot tell the first Tensor's dtype from the last one's"
     kl = gaussian.gaussian_kl(0.5, 2.0)  # numbers only
     assert kl.dtype == np.float64
     assert float(kl.data) == pytest.approx(0.5 * (2.0 + 0.25 - 1 - math.log(2.0)), rel=1e-15)
