@@ -189,7 +189,7 @@ def test_batchnorm_running_average_update(xp):
     rng = np.random.default_rng(5)
     bn = BatchNorm(3, momentum=0.1).to(device_of(xp))
     mean, var = np.zeros(3), np.ones(3)  # the initial running averages
-    for n in (4, 7, 10):
+    for n in (2, 4, 7, 10):  # 2: the smallest batch, where unbiasing doubles the variance
         x = (rng.standard_normal((n, 3)) * 2 + 3).astype(np.float32)
         bn(Tensor(xp.asarray(x)))
         # running = (1 - momentum) * running + momentum * batch, variance unbiased (ddof=1)
