@@ -791,6 +791,9 @@ def test_adam_clip_scale_for_the_gpu_path_on_numpy():
         opt = Adam([p], clip_norm=clip)
         np.testing.assert_allclose(float(opt._device_clip_scale([np.array([3.0, 4.0])])),
                                    expected, rtol=1e-9)
+    # all-zero gradients: norm 0, scale 1, and no division by zero (pytest.ini makes its
+    # RuntimeWarning an error; without the guard in the denominator it was never tried)
+    assert float(opt._device_clip_scale([np.zeros(2), np.zeros(3)])) == 1.0
 
 
 @pytest.mark.parametrize("clip", [1.0, np.float64(1.0), np.float32(1.0), 1],
