@@ -1447,3 +1447,27 @@ def test_the_batch_size_may_change_between_epochs(run, tmp_path, capsys):
     assert run(out, "--epochs=2", "--batch_size=50") == 0
     assert "batch_size 64 -> 50" in capsys.readouterr().out
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
+
+
+def test_test_elbo_is_the_mean_over_images_of_chunks_of_unequal_size():
+    """test_elbo runs the test set in chunks of 1000 images: their ELBOs must be weighted
+    by their sizes. (The tests' test sets have 128 images, one chunk: the unweighted mean
+    of the chunk means passed.) 2500 images make chunks of 1000, 1000 and 500, and the
+    last 500 are of another kind (all pixels on), so the chunk means differ."""
+    net = lvae.build_model("lvae", x_dim=8, z_dims=(3, 2), hidden=(5, 4), n_dense=1, seed=0)
+    rng = np.random.default_rng(0)
+    x = (rng.random((2500, 8)) < 0.2).astype(np.float32)
+    x[2000:] = 1.0
+    got = train.test_elbo(net, x, lvae.Noise(3))
+    per_image, noise = [], lvae.Noise(3)  # the same draws, chunk by chunk
+    with lvae.evaluation(net):
+        for start in (0, 1000, 2000):
+            log_px, layers_out = net(x[start:start + 1000], noise)
+            elbo = log_px.data - sum(k.data for k in layers_out.kl)  # (1, images)
+            per_image.append(elbo.reshape(-1).astype(np.float64))
+    per_image = np.concatenate(per_image)
+    assert per_image.shape == (2500,)
+    assert got == pytest.approx(per_image.mean(), rel=1e-6)
+    chunk_means = [c.mean() for c in np.split(per_image, [1000, 2000])]
+    assert abs(np.mean(chunk_means) - per_image.mean()) > 1e-3 * abs(per_image.mean()), \
+        "the chunks' means do not differ enough to tell the two means apart"
