@@ -65,6 +65,9 @@ UNARY = [
     ("leaky_relu", autograd.leaky_relu, lambda x: np.where(x > 0, x, 0.01 * x), "nonzero"),
     ("leaky_relu slope 0.2", lambda t: autograd.leaky_relu(t, 0.2),
      lambda x: np.where(x > 0, x, 0.2 * x), "nonzero"),
+    # the edge of [0, 1): a plain ReLU (MLP(..., slope=0) is accepted, so it must run)
+    ("leaky_relu slope 0", lambda t: autograd.leaky_relu(t, 0),
+     lambda x: np.maximum(x, 0), "nonzero"),
     ("neg", autograd.neg, np.negative, "normal"),
     ("power 3", lambda t: autograd.power(t, 3), lambda x: x ** 3, "normal"),
     ("power 0.5", lambda t: autograd.power(t, 0.5), np.sqrt, "positive"),
