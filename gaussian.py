@@ -164,8 +164,9 @@ def merge(mu_hat, var_hat, mu_p, var_p):
     forward, backward = _implementation("merge", inputs[0].data)
     # both outputs get the full broadcast shape (views, no copies). var_q depends on the
     # variances only, so it could come out smaller than mu_q (variances shared by a batch);
-    # the backward formulas mix the two outputs' gradients element by element, which needs
-    # them the same shape. (gaussian_kl and log_normal have one output: nothing to align.)
+    # its gradient, already summed over the batch, would then be broadcast against mu_q's in
+    # the backward formulas and summed over the batch again by _reduce: counted B times.
+    # (gaussian_kl and log_normal have one output: nothing to align.)
     xp = get_array_module(inputs[0].data)
     shape = np.broadcast_shapes(*(t.shape for t in inputs))
     datas = [xp.broadcast_to(t.data, shape) for t in inputs]
