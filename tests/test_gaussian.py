@@ -58,11 +58,15 @@ def test_merge_gradients(output, broadcast):
     check_gradients(fn, *arrays)
 
 
-def test_merge_var_only_with_variances_smaller_than_means():
+@pytest.mark.parametrize("output", ["both", "var_q only"])
+def test_merge_with_variances_smaller_than_means(output):
+    """var_q alone would come out (B, 1): merge broadcasts it to mu_q's (B, D), so that
+    its gradient is not counted D times next to mu_q's in the backward."""
     rng = np.random.default_rng(0)
     arrays = (means(rng, (B, D)), variances(rng, (B, 1)), means(rng, (B, D)),
               variances(rng, (B, 1)))
-    check_gradients(lambda *t: gaussian.merge(*t)[1], *arrays)
+    fn = merge_both if output == "both" else lambda *t: gaussian.merge(*t)[1]
+    check_gradients(fn, *arrays)
 
 
 @pytest.mark.parametrize("case", ["same shape", "q (K,B,d) against p (B,d)", "standard normal p"])
