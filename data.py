@@ -299,7 +299,8 @@ def _verified_mnist_bytes(folder, name):
 def load_mnist(root=None):
     """Load MNIST (60000 train / 10000 test) from ``root`` (default: the copy
     shipped in data/mnist), verifying each file's SHA-256 first."""
-    folder = _as_folder(root, "load_mnist: root must be a folder") if root is not None else MNIST_DIR
+    folder = (_as_folder(root, "load_mnist: root must be a folder") if root is not None
+              else MNIST_DIR)
     key = ("mnist", str(folder.resolve()))
     if key not in _CACHE:
         f = {name: _verified_mnist_bytes(folder, name) for name in IDX_FILES}

@@ -15,10 +15,10 @@ and the backward of each (the derivatives are written out in gaussian.py's docst
 
 Why fuse: these ops do a few flops per element, so on a GPU their time is memory
 traffic. (A kernel is a function the GPU runs for every element in parallel; each CuPy
-array operation launches one.) The plain CuPy code of merge_backward launches ~18 kernels, each reading its
-operands from GPU memory and writing a temporary array; the fused kernel reads every
-input once, keeps the intermediates (s, s^2, the mean difference) in registers and
-writes each gradient once.
+array operation launches one.) The plain CuPy code of merge_backward launches ~18
+kernels, each reading its operands from GPU memory and writing a temporary array; the
+fused kernel reads every input once, keeps the intermediates (s, s^2, the mean
+difference) in registers and writes each gradient once.
 
 Each kernel body is a module-level string of plain C (arithmetic, ?:, the C maths
 functions log, exp, log1p, sqrt, fabs and tanh, and `(T)` casts),

@@ -797,7 +797,8 @@ def test_numerical_gradient_refuses_arrays_it_cannot_nudge():
     """An integer array truncated x +- eps: the gradient of x^2 at [1, 2] was [500000,
     1500000], with no error."""
     square = lambda a: float((a * a).sum())
-    for arrays, got in [([np.array([1, 2])], "numpy.ndarray of dtype int64"), ([[1.0, 2.0]], r"\[1.0, 2.0\]")]:
+    for arrays, got in [([np.array([1, 2])], "numpy.ndarray of dtype int64"),
+                        ([[1.0, 2.0]], r"\[1.0, 2.0\]")]:
         with pytest.raises(TypeError, match=r"arrays\[0\] must be a floating-point NumPy array"
                                             r".*got " + got):
             numerical_gradient(square, arrays, 0)

@@ -1281,7 +1281,8 @@ def test_evaluate_recomputes_statistics_over_the_training_set(run, tmp_path, cap
     test_x = data.binarized_test_set(SYNTHETIC.test_x)[:40]
     bound = lvae.log_likelihood_bound(net, test_x, 6, noise)
     assert result["test_lk"] == pytest.approx(float(bound.mean()), rel=1e-12)
-    assert result["stderr"] == pytest.approx(bound.astype(np.float64).std(ddof=1) / np.sqrt(40), rel=1e-12)
+    stderr = bound.astype(np.float64).std(ddof=1) / np.sqrt(40)  # s / sqrt(n), s with n - 1
+    assert result["stderr"] == pytest.approx(stderr, rel=1e-12)
 
 
 def test_data_root_is_stored_absolute_and_evaluate_can_override_it(run, tmp_path, monkeypatch,
