@@ -56,7 +56,7 @@ def merge_backward(g_mu, g_var, mu_hat, var_hat, mu_p, var_p):
         d var_q/d var_hat = var_p^2 s^2    d var_q/d var_p = var_hat^2 s^2
     g_mu or g_var may be None (that output got no gradient).
 
-    Returns the gradients of (mu_hat, var_hat, mu_p, var_p), in that order. Each input
+    Returns the gradients of (mu_hat, var_hat, mu_p, var_p), in that order. Each variance
     feeds both outputs, so the chain rule adds two terms: for var_hat,
     g_mu * d mu_q/d var_hat + g_var * d var_q/d var_hat = var_p s^2 (g_mu diff + g_var var_p)
     with diff = mu_p - mu_hat. (mu_hat and mu_p do not enter var_q: one term each.)
