@@ -118,8 +118,9 @@ def read_run(folder):
             value = final.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise RunError(f"{final_path}: {key} is {value!r}, not a number")
-            # a NaN bound was printed as nan and the figure written without a word; the
-            # standard error is NaN for a single image (lvae.standard_error)
+            # a NaN bound was printed as nan and the figure written without a word. A NaN
+            # standard error is one image's (lvae.standard_error): train.py now leaves it
+            # out of final.json, but a file from before that may hold it
             if key != "stderr" and not math.isfinite(value):
                 raise RunError(f"{final_path}: {key} is {value!r}, not a finite number")
         last = metrics[-1]["epoch"]

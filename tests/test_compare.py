@@ -233,7 +233,8 @@ def test_final_json_bounds_must_be_finite(tmp_path, capsys, key):
 
 
 def test_a_single_image_final_bound_with_a_nan_standard_error_is_compared(tmp_path, capsys):
-    """train.py writes stderr NaN for --final_lk_images=1: not an error."""
+    """A final.json of --final_lk_images=1 from before train.py left stderr out holds NaN
+    there (lvae.standard_error of one image): not an error."""
     run_dir = make_run(tmp_path / "run", {**final(-90, images=1), "stderr": float("nan")})
     assert compare.main([run_dir, "--out", str(tmp_path / "x.png")]) == 0
     assert "L_1000 = -90.00 +- nan (1 images)" in capsys.readouterr().out
