@@ -582,7 +582,7 @@ def main(argv):
                 if not saved:  # e.g. the disk is full
                     kept = (f"{ckpt_path} still holds the previous one"
                             if os.path.exists(ckpt_path) else "nothing saved yet")
-                    print(f"\ninterrupted, and the checkpoint could not be written ({e!r}): "
+                    print(f"\n{why}, and the checkpoint could not be written ({e!r}): "
                           f"{kept}", file=report)
                     return 1
         where = (f"{ckpt_path} holds {progress_text(state['epoch'], state['step'])}; run the "
