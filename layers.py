@@ -51,7 +51,10 @@ class Module:
         return [(n, t) for n, t in self.named_tensors() if t.requires_grad]
 
     def parameters(self):
-        return [t for _, t in self.named_parameters()]
+        """Each parameter once, in definition order: a tied one (a sub-module or Tensor held
+        under two names) is listed once, or Adam would step it twice (and refuses it)."""
+        unique = {id(t): t for _, t in self.named_parameters()}  # dicts keep the first order
+        return list(unique.values())
 
     def modules(self):
         """This module and every sub-module below it."""

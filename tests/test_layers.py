@@ -696,6 +696,24 @@ def test_to_cpu(xp):
 
 
 @pytest.mark.skipif(autograd.cuda_available(), reason="CUDA is available here")
+def test_a_tied_parameter_is_listed_once_and_stepped_once():
+    """A sub-module held under two names (tied weights) is one set of parameters: listed
+    twice, Adam would refuse it (or, before it checked, step it twice per update)."""
+    class Tied(Module):
+        def __init__(self):
+            self.first = Dense(3, 3, rng=np.random.default_rng(0))
+            self.second = self.first
+    net = Tied()
+    assert len(net.named_parameters()) == 4  # both names are kept (state_dict has both)
+    assert [id(p) for p in net.parameters()] == [id(net.first.weight), id(net.first.bias)]
+    opt = Adam(net.parameters(), lr=0.1)
+    before = net.first.weight.data.copy()
+    net.second(net.first(Tensor(np.ones((2, 3), np.float32)))).sum().backward()
+    opt.step()
+    # one Adam step moves each weight by lr (|m_hat / sqrt(v_hat)| = 1 on the first step)
+    np.testing.assert_allclose(np.abs(net.first.weight.data - before), 0.1, rtol=1e-3)
+
+
 def test_module_to_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(RuntimeError, match=r"device 'cuda'.*not available"):
         Net(0).to("cuda")
