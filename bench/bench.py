@@ -53,8 +53,7 @@ def parse_args(argv):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the PyTorch process
     args = p.parse_args(argv)
     # checked now, not when it is used: the report is written after minutes of work
-    problem = ("an empty file name (an unset variable, as in --out=$OUT?)"
-               if args.out == "" else args.out and _unwritable(args.out))
+    problem = args.out is not None and _unwritable(args.out)
     if problem:
         p.error(f"argument --out: {problem}")
     return args
@@ -63,6 +62,8 @@ def parse_args(argv):
 def _unwritable(path):
     """Why the report could not be written to ``path``, or None. Report.write makes the
     missing folders, so the nearest folder that exists must be one we can write in."""
+    if not path:  # abspath("") would be the current folder
+        return "an empty file name (an unset variable, as in --out=$OUT?)"
     path = os.path.abspath(path)
     if os.path.isdir(path):
         return f"{path} is a folder; give a file name"
